@@ -1,0 +1,70 @@
+//! Per-reason counters (`STATS`, a per-CPU array indexed by these numbers).
+//!
+//! Every outcome of a program other than "not Service traffic, passed untouched" has a counter, so an
+//! operator can always tell why a packet was translated, dropped or passed unchanged.
+
+/// Number of slots in `STATS`.
+pub const STAT_MAX: u32 = 32;
+
+/// tc: a packet to a Service address was translated to a backend.
+pub const STAT_FORWARD_DNAT: u32 = 0;
+/// tc: a reply from a backend had its source restored to the Service address.
+pub const STAT_REVERSE_NAT: u32 = 1;
+/// tc: a new conntrack entry was created (a new connection).
+pub const STAT_CT_NEW: u32 = 2;
+/// socket LB: connect() to a Service address was redirected to a backend.
+pub const STAT_SOCK_CONNECT: u32 = 3;
+/// socket LB: sendmsg() to a Service address was redirected to a backend.
+pub const STAT_SOCK_SENDMSG: u32 = 4;
+/// socket LB: recvmsg()/getpeername() reported the Service address instead of the backend's.
+pub const STAT_SOCK_REV_NAT: u32 = 5;
+/// A fragment that is not to a Service address passed untouched (not translatable, not ours).
+pub const STAT_PASS_FRAGMENT: u32 = 6;
+/// A truncated L4 header not to a Service address passed untouched (the kernel judges it).
+pub const STAT_PASS_MALFORMED_L4: u32 = 7;
+
+/// Drop: IPv4 header truncated or invalid (version, IHL, total length).
+pub const STAT_DROP_MALFORMED_IPV4: u32 = 16;
+/// Drop: TCP/UDP header truncated on a packet to a Service address.
+pub const STAT_DROP_MALFORMED_L4: u32 = 17;
+/// Drop: IP fragment to a Service address (ports unknown in later fragments; translating only the
+/// first would deliver a broken datagram).
+pub const STAT_DROP_FRAGMENT: u32 = 18;
+/// Drop: the Service port has no usable endpoints.
+pub const STAT_DROP_NO_ENDPOINTS: u32 = 19;
+/// Drop: a backend slot or backend was missing (userspace is between writes; retried by the client).
+pub const STAT_DROP_NO_BACKEND: u32 = 20;
+/// Drop: conntrack entry could not be written.
+pub const STAT_DROP_CT_FULL: u32 = 21;
+/// Drop: rewriting the packet failed (helper error).
+pub const STAT_DROP_REWRITE: u32 = 22;
+/// socket LB: the Service port has no usable endpoints; the address was left for the tc path.
+pub const STAT_SOCK_NO_ENDPOINTS: u32 = 23;
+
+/// Human-readable name of a counter, for metrics, `trace` and logs.
+pub const fn stat_name(index: u32) -> Option<&'static str> {
+    Some(match index {
+        STAT_FORWARD_DNAT => "forward_dnat",
+        STAT_REVERSE_NAT => "reverse_nat",
+        STAT_CT_NEW => "conntrack_new",
+        STAT_SOCK_CONNECT => "sock_connect",
+        STAT_SOCK_SENDMSG => "sock_sendmsg",
+        STAT_SOCK_REV_NAT => "sock_reverse_nat",
+        STAT_PASS_FRAGMENT => "pass_fragment",
+        STAT_PASS_MALFORMED_L4 => "pass_malformed_l4",
+        STAT_DROP_MALFORMED_IPV4 => "drop_malformed_ipv4",
+        STAT_DROP_MALFORMED_L4 => "drop_malformed_l4",
+        STAT_DROP_FRAGMENT => "drop_fragment",
+        STAT_DROP_NO_ENDPOINTS => "drop_no_endpoints",
+        STAT_DROP_NO_BACKEND => "drop_no_backend",
+        STAT_DROP_CT_FULL => "drop_conntrack_full",
+        STAT_DROP_REWRITE => "drop_rewrite_failed",
+        STAT_SOCK_NO_ENDPOINTS => "sock_no_endpoints",
+        _ => return None,
+    })
+}
+
+/// Whether a counter records a drop.
+pub const fn stat_is_drop(index: u32) -> bool {
+    index >= STAT_DROP_MALFORMED_IPV4 && index <= STAT_DROP_REWRITE
+}

@@ -1,0 +1,79 @@
+//! ebpf-proxy's kernel programs. One entry point per attach point; each is a thin wrapper around a
+//! `try_*` function whose error is a counted drop reason.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod from_pod;
+mod lb;
+mod maps;
+mod nat;
+mod packet;
+mod sock;
+mod stats;
+
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+
+/// tc ingress on the host side of every pod-facing interface: packets leaving a local pod.
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    match from_pod::try_from_pod(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// tc ingress on the node's external interfaces: Service traffic arriving from outside, and replies
+/// from backends on other nodes.
+#[classifier]
+pub fn from_netdev(ctx: TcContext) -> i32 {
+    match from_pod::try_from_pod(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// cgroup connect4: TCP connect() and UDP connect() to a Service address go straight to a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx)
+}
+
+/// cgroup sendmsg4: unconnected UDP sendmsg() to a Service address.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg(&ctx)
+}
+
+/// cgroup recvmsg4: UDP replies appear to come from the Service address.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock4_recvmsg(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// cgroup getpeername4: a connected UDP socket's peer is the Service address.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock4_getpeername(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path; this is never executed.
+    unsafe { core::hint::unreachable_unchecked() }
+}

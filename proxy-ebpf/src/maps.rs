@@ -1,0 +1,44 @@
+//! Every map the programs share with userspace. Types and capacities come from proxy-common; the
+//! names here are the pin names under `--bpffs`.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use proxy_common::{
+    Backend, BackendSlotKey, CtEntry, CtKey, Frontend, FrontendKey, MAX_BACKEND_SLOTS, MAX_BACKENDS,
+    MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, RevNat, STAT_MAX, ServiceAddr,
+    SockFlow, SockFlowKey, SockRevNatKey,
+};
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+#[btf_map]
+pub static FRONTENDS: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as usize }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map]
+pub static BACKEND_SLOTS: HashMap<BackendSlotKey, u32, { MAX_BACKEND_SLOTS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map]
+pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map]
+pub static REV_NAT: HashMap<u32, RevNat, { MAX_FRONTENDS as usize }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map]
+pub static SERVICE_ADDRS: HashMap<u32, ServiceAddr, { MAX_SERVICE_ADDRS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, RevNat, { MAX_SOCK_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static SOCK_FLOWS: LruHashMap<SockFlowKey, SockFlow, { MAX_SOCK_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static STATS: PerCpuArray<u64, { STAT_MAX as usize }> = PerCpuArray::new();

@@ -1,0 +1,138 @@
+//! Parsing of the headers the datapath looks at. Reads go through bpf_skb_load_bytes so non-linear
+//! skbs and odd lengths are handled by the kernel, never by pointer arithmetic the verifier must trust.
+
+use aya_ebpf::programs::TcContext;
+use proxy_common::{
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, STAT_DROP_MALFORMED_IPV4, STAT_DROP_MALFORMED_L4, STAT_PASS_FRAGMENT,
+    STAT_PASS_MALFORMED_L4,
+};
+
+use crate::maps::SERVICE_ADDRS;
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+/// Offsets of IPv4 header fields from the start of the frame.
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+const IPV4_MIN_HLEN: usize = 20;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+const TCP_MIN_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const SCTP_COMMON_HLEN: usize = 12;
+
+/// The fixed part of the IPv4 header, as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Fixed {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+/// What the datapath needs to know about an IPv4 TCP/UDP/SCTP packet. Addresses and ports in network
+/// byte order.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// TCP flag byte (0 for other protocols).
+    pub tcp_flags: u8,
+    /// Offset of the L4 header from the start of the frame.
+    pub l4_off: usize,
+}
+
+impl Packet {
+    /// Offset of the L4 checksum, if the protocol has one that covers addresses and ports.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> Option<usize> {
+        match self.proto {
+            PROTO_TCP => Some(self.l4_off + 16),
+            PROTO_UDP => Some(self.l4_off + 6),
+            _ => None,
+        }
+    }
+}
+
+#[inline(always)]
+fn is_service_addr(addr: u32) -> bool {
+    SERVICE_ADDRS.get_ptr(&addr).is_some()
+}
+
+/// Parses an Ethernet + IPv4 + L4 header.
+///
+/// `Ok(None)`: not something the datapath handles (not IPv4, another protocol, or a malformed or
+/// fragmented packet that is not to a Service address) — to be passed untouched.
+/// `Err(reason)`: a malformed IPv4 packet, or Service traffic that cannot be translated — dropped.
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
+    // BPF_PROG_TEST_RUN and the stack guarantee the 14-byte Ethernet header at tc ingress.
+    let h_proto: u16 = match ctx.load::<u16>(12) {
+        Ok(p) => u16::from_be(p),
+        Err(_) => return Ok(None),
+    };
+    if h_proto != ETH_P_IP {
+        return Ok(None);
+    }
+    let ip: Ipv4Fixed = ctx.load(ETH_HLEN).map_err(|_| STAT_DROP_MALFORMED_IPV4)?;
+    let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be(ip.tot_len) as usize;
+    if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || tot_len < ihl || (ctx.len() as usize) < ETH_HLEN + tot_len {
+        return Err(STAT_DROP_MALFORMED_IPV4);
+    }
+    if !matches!(ip.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
+        return Ok(None);
+    }
+    let frag_off = u16::from_be(ip.frag_off);
+    if frag_off & (IP_MF | IP_OFFSET_MASK) != 0 {
+        // Later fragments carry no ports: a Service cannot be matched or translated consistently.
+        return if is_service_addr(ip.daddr) {
+            Err(proxy_common::STAT_DROP_FRAGMENT)
+        } else {
+            crate::stats::count(STAT_PASS_FRAGMENT);
+            Ok(None)
+        };
+    }
+    let l4_off = ETH_HLEN + ihl;
+    let l4_len = tot_len - ihl;
+    let min_len = match ip.proto {
+        PROTO_TCP => TCP_MIN_HLEN,
+        PROTO_UDP => UDP_HLEN,
+        _ => SCTP_COMMON_HLEN,
+    };
+    let ports: Result<[u16; 2], _> = ctx.load(l4_off);
+    let (ports, tcp_flags) = match ports {
+        Ok(ports) if l4_len >= min_len => {
+            let flags = if ip.proto == PROTO_TCP { ctx.load::<u8>(l4_off + 13).unwrap_or(0) } else { 0 };
+            (ports, flags)
+        }
+        _ => {
+            return if is_service_addr(ip.daddr) {
+                Err(STAT_DROP_MALFORMED_L4)
+            } else {
+                crate::stats::count(STAT_PASS_MALFORMED_L4);
+                Ok(None)
+            };
+        }
+    };
+    Ok(Some(Packet {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: ports[0],
+        dport: ports[1],
+        proto: ip.proto,
+        tcp_flags,
+        l4_off,
+    }))
+}

@@ -1,0 +1,124 @@
+//! Socket-level load balancing: Service addresses are translated once, at connect() / sendmsg(), so
+//! packets of those sockets go to the backend directly and need no per-packet NAT.
+//!
+//! Return value of cgroup sock_addr programs: 1 lets the call proceed (with the rewritten address).
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, bpf_sock_addr},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use proxy_common::{
+    Backend, CT_LIFETIME_OTHER_NS, Frontend, PROTO_TCP, PROTO_UDP, RevNat, STAT_SOCK_CONNECT,
+    STAT_SOCK_NO_ENDPOINTS, STAT_SOCK_REV_NAT, STAT_SOCK_SENDMSG, SockFlow, SockFlowKey, SockRevNatKey,
+};
+
+use crate::{
+    lb,
+    maps::{SOCK_FLOWS, SOCK_REV_NAT},
+    stats,
+};
+
+const ALLOW: i32 = 1;
+
+/// The destination of the call, if it is a TCP or UDP Service frontend.
+#[inline(always)]
+fn service_destination(sa: &bpf_sock_addr) -> Option<(u32, u16, u8, Frontend)> {
+    let proto = sa.protocol as u8;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    // user_port holds the network-order port in its low 16 bits.
+    let port = sa.user_port as u16;
+    let fe = lb::frontend(sa.user_ip4, port, proto)?;
+    Some((sa.user_ip4, port, proto, fe))
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockAddrContext) -> u64 {
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Remembers which Service address a UDP socket's datagrams from `be` must appear to come from.
+#[inline(always)]
+fn record_rev_nat(cookie: u64, be: &Backend, addr: u32, port: u16) {
+    let key = SockRevNatKey { cookie, addr: be.addr, port: be.port, _pad: 0 };
+    let value = RevNat { addr, port, _pad: 0 };
+    // Best effort: on failure replies show the backend address, as without socket LB.
+    let _ = SOCK_REV_NAT.insert(&key, &value, BPF_ANY as u64);
+}
+
+#[inline(always)]
+fn redirect(sa: &mut bpf_sock_addr, be: &Backend) {
+    sa.user_ip4 = be.addr;
+    sa.user_port = be.port as u32;
+}
+
+pub fn connect(ctx: &SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some((addr, port, proto, fe)) = service_destination(sa) else {
+        return ALLOW;
+    };
+    let Ok((_, be)) = lb::select_backend(&fe) else {
+        // Left untranslated; the tc path sees the packets and accounts for them.
+        stats::count(STAT_SOCK_NO_ENDPOINTS);
+        return ALLOW;
+    };
+    if proto == PROTO_UDP {
+        record_rev_nat(cookie(ctx), &be, addr, port);
+    }
+    redirect(sa, &be);
+    stats::count(STAT_SOCK_CONNECT);
+    ALLOW
+}
+
+pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some((addr, port, proto, fe)) = service_destination(sa) else {
+        return ALLOW;
+    };
+    let cookie = cookie(ctx);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flow_key = SockFlowKey { cookie, addr, port, proto, _pad: 0 };
+    // The datagrams of one socket to one Service port stick to one backend while the flow is active,
+    // as conntrack pins a UDP 5-tuple in kube-proxy.
+    let pinned = SOCK_FLOWS.get_ptr_mut(&flow_key).and_then(|flow| {
+        let flow = unsafe { &mut *flow };
+        if flow.service_id != fe.service_id || now.saturating_sub(flow.last_seen_ns) > CT_LIFETIME_OTHER_NS {
+            return None;
+        }
+        let be = lb::backend(flow.backend_id)?;
+        flow.last_seen_ns = now;
+        Some(be)
+    });
+    let be = match pinned {
+        Some(be) => be,
+        None => {
+            let Ok((backend_id, be)) = lb::select_backend(&fe) else {
+                stats::count(STAT_SOCK_NO_ENDPOINTS);
+                return ALLOW;
+            };
+            let flow = SockFlow { last_seen_ns: now, backend_id, service_id: fe.service_id };
+            let _ = SOCK_FLOWS.insert(&flow_key, &flow, BPF_ANY as u64);
+            be
+        }
+    };
+    record_rev_nat(cookie, &be, addr, port);
+    redirect(sa, &be);
+    stats::count(STAT_SOCK_SENDMSG);
+    ALLOW
+}
+
+/// recvmsg4 / getpeername4: report the Service address instead of the backend's.
+pub fn reverse(ctx: &SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let key = SockRevNatKey { cookie: cookie(ctx), addr: sa.user_ip4, port: sa.user_port as u16, _pad: 0 };
+    if let Some(orig) = SOCK_REV_NAT.get_ptr(&key) {
+        let orig = unsafe { *orig };
+        sa.user_ip4 = orig.addr;
+        sa.user_port = orig.port as u32;
+        stats::count(STAT_SOCK_REV_NAT);
+    }
+    ALLOW
+}

@@ -1,0 +1,242 @@
+//! Loading the kernel programs, pinning their maps and attaching them.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader, Pod,
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLinkId,
+    },
+};
+use proxy_common::STAT_MAX;
+
+use crate::reconcile::{Table, Tables};
+
+/// The eBPF object, built by build.rs and embedded so the binary is all a node needs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+/// Program names (ELF symbols) and the pinned maps, as operators see them in bpftool.
+pub const PROG_FROM_POD: &str = "from_pod";
+pub const PROG_FROM_NETDEV: &str = "from_netdev";
+pub const TC_PROGRAMS: [&str; 2] = [PROG_FROM_POD, PROG_FROM_NETDEV];
+pub const SOCK_PROGRAMS: [&str; 4] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];
+pub const MAP_NAMES: [&str; 9] = [
+    "FRONTENDS",
+    "BACKEND_SLOTS",
+    "BACKENDS",
+    "REV_NAT",
+    "SERVICE_ADDRS",
+    "CONNTRACK",
+    "SOCK_REV_NAT",
+    "SOCK_FLOWS",
+    "STATS",
+];
+
+/// How the maps are created.
+pub enum MapMode<'a> {
+    /// Pinned under this directory (reused if already pinned there): the datapath of `run`.
+    Pinned(&'a Path),
+    /// Private maps with small capacities: `trace` and tests.
+    Private,
+}
+
+/// The loaded object. Dropping it detaches every program that was not pinned.
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// ifindex → (program, link).
+    tc_links: BTreeMap<u32, (&'static str, SchedClassifierLinkId)>,
+    sock_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+}
+
+impl<K: Pod + Ord, V: Pod> Table<K, V> for HashMap<MapData, K, V> {
+    fn put(&mut self, key: &K, value: &V) -> Result<()> {
+        self.insert(key, value, 0).map_err(Into::into)
+    }
+    fn del(&mut self, key: &K) -> Result<()> {
+        match self.remove(key) {
+            Ok(()) => Ok(()),
+            // Already gone is what we wanted.
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn entries(&self) -> Result<BTreeMap<K, V>> {
+        self.iter().map(|r| r.map_err(Into::into)).collect()
+    }
+}
+
+impl Datapath {
+    /// Loads the object and its programs into the kernel (verifying them), without attaching.
+    pub fn load(mode: MapMode<'_>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)>;
+        match mode {
+            MapMode::Pinned(dir) => {
+                fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                pins = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
+                for (name, path) in &pins {
+                    loader.map_pin_path(name, path.as_path());
+                }
+            }
+            MapMode::Private => {
+                // Enough for any trace; keeps creating the maps cheap.
+                for (name, size) in [("CONNTRACK", 65_536), ("SOCK_REV_NAT", 1024), ("SOCK_FLOWS", 1024)] {
+                    loader.map_max_entries(name, size);
+                }
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+        for name in TC_PROGRAMS {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        Ok(Self { ebpf, tc_links: BTreeMap::new(), sock_links: Vec::new() })
+    }
+
+    /// The load-balancing maps, for the reconciler.
+    pub fn tables(&mut self) -> Result<Tables> {
+        Ok(Tables {
+            frontends: Box::new(HashMap::try_from(self.take_map("FRONTENDS")?)?),
+            slots: Box::new(HashMap::try_from(self.take_map("BACKEND_SLOTS")?)?),
+            backends: Box::new(HashMap::try_from(self.take_map("BACKENDS")?)?),
+            rev_nat: Box::new(HashMap::try_from(self.take_map("REV_NAT")?)?),
+            service_addrs: Box::new(HashMap::try_from(self.take_map("SERVICE_ADDRS")?)?),
+        })
+    }
+
+    fn take_map(&mut self, name: &str) -> Result<Map> {
+        self.ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing (or already taken)"))
+    }
+
+    /// The conntrack map.
+    pub fn conntrack(&mut self) -> Result<HashMap<MapData, proxy_common::CtKey, proxy_common::CtEntry>> {
+        // An LRU hash map reads and writes like a hash map.
+        Ok(HashMap::try_from(self.take_map("CONNTRACK")?)?)
+    }
+
+    /// The per-reason counters, summed over CPUs.
+    pub fn read_stats(&self) -> Result<Vec<u64>> {
+        let map = self.ebpf.map("STATS").ok_or_else(|| anyhow!("map STATS missing"))?;
+        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        (0..STAT_MAX).map(|i| Ok(stats.get(&i, 0)?.iter().sum())).collect()
+    }
+
+    /// A loaded program, for `BPF_PROG_TEST_RUN`.
+    pub fn classifier(&self, name: &str) -> Result<&SchedClassifier> {
+        let prog = self.ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing"))?;
+        Ok(prog.try_into()?)
+    }
+
+    /// Attaches a tc program (`from_pod` or `from_netdev`) on ingress of the interface (TCX).
+    /// Idempotent per interface index.
+    pub fn attach_tc(&mut self, ifindex: u32, name: &'static str) -> Result<()> {
+        if self.tc_links.contains_key(&ifindex) {
+            return Ok(());
+        }
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
+        let id = prog
+            .attach(aya::programs::NetworkInterface::Index(ifindex), TcAttachType::Ingress)
+            .with_context(|| format!("attaching {name} to interface {ifindex}"))?;
+        self.tc_links.insert(ifindex, (name, id));
+        Ok(())
+    }
+
+    /// Releases the link of an interface that went away (the kernel already detached it).
+    pub fn forget_interface(&mut self, ifindex: u32) {
+        if let Some((name, id)) = self.tc_links.remove(&ifindex)
+            && let Ok(prog) = program(&mut self.ebpf, name)
+            && let Ok(prog) = <&mut SchedClassifier>::try_from(prog)
+        {
+            // Detaching a link whose device is gone fails harmlessly; dropping it closes the fd.
+            let _ = prog.detach(id);
+        }
+    }
+
+    /// Interfaces `from_pod` is attached to.
+    pub fn attached_interfaces(&self) -> Vec<u32> {
+        self.tc_links.keys().copied().collect()
+    }
+
+    /// Attaches the socket programs to a cgroup v2 directory.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let dir = fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
+            let id = prog
+                .attach(dir.as_fd(), CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            self.sock_links.push((name, id));
+        }
+        Ok(())
+    }
+
+    /// Pins every link under `dir` so the datapath keeps running after this process exits.
+    pub fn pin_links(&mut self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir)?;
+        for (ifindex, (name, id)) in std::mem::take(&mut self.tc_links) {
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            pin_link(link, &dir.join(format!("{name}_if{ifindex}")))?;
+        }
+        for (name, id) in std::mem::take(&mut self.sock_links) {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            pin_link(link, &dir.join(name))?;
+        }
+        Ok(())
+    }
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<()> {
+    if path.exists() {
+        fs::remove_file(path)?;
+    }
+    link.pin(path).with_context(|| format!("pinning link at {}", path.display()))?;
+    Ok(())
+}
+
+/// Detaches links pinned by an earlier `run --keep-datapath` (unpinning releases them).
+pub fn unpin_links(dir: &Path) -> Result<usize> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(0) };
+    let mut n = 0;
+    for entry in entries {
+        let path = entry?.path();
+        if let Ok(link) = PinnedLink::from_pin(&path) {
+            link.unpin().with_context(|| format!("unpinning {}", path.display()))?;
+            n += 1;
+        } else {
+            fs::remove_file(&path)?;
+        }
+    }
+    let _ = fs::remove_dir(dir);
+    Ok(n)
+}
+
+/// Removes the pinned maps under `dir` (on shutdown, unless the datapath is kept).
+pub fn unpin_maps(dir: &Path) -> Result<()> {
+    for name in MAP_NAMES {
+        let path = dir.join(name);
+        if path.exists() {
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))
+}

@@ -1,0 +1,15 @@
+//! ebpf-proxy: a kube-proxy replacement whose Service datapath runs in the kernel as eBPF programs.
+//!
+//! Flow of state: [`objects`] (Kubernetes YAML) → [`model`] (Service ports and endpoints) →
+//! [`translate`] (map entries) → [`reconcile`] (diff and write) → the maps of [`datapath`].
+
+pub mod config;
+pub mod datapath;
+pub mod links;
+pub mod model;
+pub mod objects;
+pub mod reconcile;
+pub mod run;
+pub mod source;
+pub mod trace;
+pub mod translate;

@@ -1,0 +1,70 @@
+//! Which interfaces the tc programs belong on, followed through netlink link events: pod interfaces
+//! appear and vanish all the time, and each must be attached when it appears, not only at start.
+
+use anyhow::{Context as _, Result};
+use futures::{StreamExt as _, TryStreamExt as _};
+use rtnetlink::{
+    packet_core::NetlinkPayload,
+    packet_route::{
+        RouteNetlinkMessage,
+        link::{LinkAttribute, LinkMessage},
+    },
+    sys::{AsyncSocket as _, SocketAddr},
+};
+use tokio::sync::mpsc;
+
+/// Netlink multicast group of link changes (RTMGRP_LINK).
+const RTMGRP_LINK: u32 = 1;
+
+/// A change to the set of interfaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// An interface exists (it may have been reported before).
+    Present { index: u32, name: String },
+    /// An interface is gone.
+    Gone { index: u32, name: String },
+}
+
+fn name_of(msg: &LinkMessage) -> Option<String> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+/// Reports every interface present now, then every change, on `tx`, until `tx` is closed.
+pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
+    let (mut conn, handle, mut messages) = rtnetlink::new_connection().context("opening a netlink socket")?;
+    // Subscribe before the dump so that no interface created in between is missed.
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, RTMGRP_LINK))
+        .context("subscribing to link events")?;
+    tokio::spawn(conn);
+    let mut dump = handle.link().get().execute();
+    while let Some(msg) = dump.try_next().await.context("listing interfaces")? {
+        if let Some(name) = name_of(&msg) {
+            let event = LinkEvent::Present { index: msg.header.index, name };
+            if tx.send(event).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    while let Some((msg, _)) = messages.next().await {
+        let event = match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                name_of(&link).map(|name| LinkEvent::Present { index: link.header.index, name })
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                Some(LinkEvent::Gone { index: link.header.index, name: name_of(&link).unwrap_or_default() })
+            }
+            _ => None,
+        };
+        if let Some(event) = event
+            && tx.send(event).await.is_err()
+        {
+            return Ok(());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! Reading Kubernetes objects from YAML (`--objects PATH`): a file or a directory of files, each with
+//! one or more documents. Only v1 Service and discovery.k8s.io/v1 EndpointSlice are used; other kinds
+//! (Deployments in the same manifests, say) are ignored, and a document that cannot be decoded is
+//! reported and skipped without losing the rest.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize as _;
+
+/// The objects found under a path.
+#[derive(Debug, Default, Clone)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    /// Documents that could not be decoded: (file, document index, error).
+    pub errors: Vec<String>,
+}
+
+/// The YAML files under `path` (itself if a file), in name order so that results are deterministic.
+pub fn files(path: &Path) -> Result<Vec<PathBuf>> {
+    let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    for entry in fs::read_dir(path).with_context(|| format!("listing {}", path.display()))? {
+        let p = entry?.path();
+        let yaml = matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"));
+        if yaml && p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads every object under `path`. Fails only when the path itself cannot be read.
+pub fn load(path: &Path) -> Result<Objects> {
+    let mut objects = Objects::default();
+    for file in files(path)? {
+        let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        parse_into(&text, &file.display().to_string(), &mut objects);
+    }
+    Ok(objects)
+}
+
+/// Parses a multi-document YAML text into `objects`.
+pub fn parse_into(text: &str, origin: &str, objects: &mut Objects) {
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                objects.errors.push(format!("{origin} document {index}: invalid YAML: {e}"));
+                // A syntax error ends the stream: nothing after it can be read reliably.
+                break;
+            }
+        };
+        let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let (api_version, kind) = (field("apiVersion"), field("kind"));
+        let result = match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Service") => serde_yaml::from_value(value).map(|s| objects.services.push(s)),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                serde_yaml::from_value(value).map(|s| objects.slices.push(s))
+            }
+            ("v1", "List") => {
+                // `kubectl get -o yaml` output: recurse into the items.
+                if let Some(items) = value.get("items").and_then(|v| v.as_sequence()) {
+                    for item in items {
+                        let text = serde_yaml::to_string(item).unwrap_or_default();
+                        parse_into(&text, origin, objects);
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            objects.errors.push(format!("{origin} document {index} ({kind}): {e}"));
+        }
+    }
+}

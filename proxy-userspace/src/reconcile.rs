@@ -1,0 +1,144 @@
+//! Writes the desired map contents into the maps: diff against what they hold, write what is new or
+//! changed — everything a reference needs before the reference — then delete what nothing wants, in
+//! reverse order. Only changed entries are touched, so one Service's update leaves the rest alone.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use proxy_common::{Backend, BackendSlotKey, Frontend, FrontendKey, RevNat, ServiceAddr};
+
+use crate::translate::DesiredMaps;
+
+/// One BPF map as the reconciler sees it.
+pub trait Table<K, V> {
+    fn put(&mut self, key: &K, value: &V) -> Result<()>;
+    fn del(&mut self, key: &K) -> Result<()>;
+    fn entries(&self) -> Result<BTreeMap<K, V>>;
+}
+
+/// An in-memory table, for tests and for `trace`'s bookkeeping.
+impl<K: Ord + Clone, V: Clone> Table<K, V> for BTreeMap<K, V> {
+    fn put(&mut self, key: &K, value: &V) -> Result<()> {
+        self.insert(key.clone(), value.clone());
+        Ok(())
+    }
+    fn del(&mut self, key: &K) -> Result<()> {
+        self.remove(key);
+        Ok(())
+    }
+    fn entries(&self) -> Result<BTreeMap<K, V>> {
+        Ok(self.clone())
+    }
+}
+
+/// The load-balancing maps.
+pub struct Tables {
+    pub frontends: Box<dyn Table<FrontendKey, Frontend> + Send>,
+    pub slots: Box<dyn Table<BackendSlotKey, u32> + Send>,
+    pub backends: Box<dyn Table<u32, Backend> + Send>,
+    pub rev_nat: Box<dyn Table<u32, RevNat> + Send>,
+    pub service_addrs: Box<dyn Table<u32, ServiceAddr> + Send>,
+}
+
+impl Tables {
+    /// Tables backed by memory only.
+    pub fn in_memory() -> Self {
+        Self {
+            frontends: Box::new(BTreeMap::new()),
+            slots: Box::new(BTreeMap::new()),
+            backends: Box::new(BTreeMap::new()),
+            rev_nat: Box::new(BTreeMap::new()),
+            service_addrs: Box::new(BTreeMap::new()),
+        }
+    }
+
+    /// What the maps hold now.
+    pub fn dump(&self) -> Result<DesiredMaps> {
+        Ok(DesiredMaps {
+            frontends: self.frontends.entries().context("reading frontends")?,
+            slots: self.slots.entries().context("reading backend slots")?,
+            backends: self.backends.entries().context("reading backends")?,
+            rev_nat: self.rev_nat.entries().context("reading reverse NAT")?,
+            service_addrs: self.service_addrs.entries().context("reading service addresses")?,
+        })
+    }
+}
+
+/// Counts of entries written and deleted by one sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub written: usize,
+    pub deleted: usize,
+}
+
+/// Keeps a mirror of what the maps hold and brings them to the desired state.
+pub struct Reconciler {
+    actual: DesiredMaps,
+}
+
+fn write_changed<K: Ord + Clone, V: PartialEq + Clone>(
+    table: &mut dyn Table<K, V>,
+    actual: &mut BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    stats: &mut SyncStats,
+) -> Result<()> {
+    for (k, v) in desired {
+        if actual.get(k) != Some(v) {
+            table.put(k, v)?;
+            actual.insert(k.clone(), v.clone());
+            stats.written += 1;
+        }
+    }
+    Ok(())
+}
+
+fn delete_unwanted<K: Ord + Clone, V>(
+    table: &mut dyn Table<K, V>,
+    actual: &mut BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    stats: &mut SyncStats,
+) -> Result<()> {
+    let stale: Vec<K> = actual.keys().filter(|k| !desired.contains_key(k)).cloned().collect();
+    for k in stale {
+        table.del(&k)?;
+        actual.remove(&k);
+        stats.deleted += 1;
+    }
+    Ok(())
+}
+
+impl Reconciler {
+    /// Starts from what the maps hold (a restarted proxy adopts a running datapath).
+    pub fn new(tables: &Tables) -> Result<Self> {
+        Ok(Self { actual: tables.dump()? })
+    }
+
+    /// What the reconciler believes the maps hold.
+    pub fn actual(&self) -> &DesiredMaps {
+        &self.actual
+    }
+
+    /// Brings the maps to `desired`. On error the mirror still matches what was written, so the next
+    /// call continues where this one stopped.
+    pub fn sync(&mut self, desired: &DesiredMaps, t: &mut Tables) -> Result<SyncStats> {
+        let mut s = SyncStats::default();
+        let a = &mut self.actual;
+        // Referenced before referencing: backends ← slots ← frontends; reverse NAT and the address set
+        // before the frontend that makes packets need them.
+        write_changed(t.backends.as_mut(), &mut a.backends, &desired.backends, &mut s).context("writing backends")?;
+        write_changed(t.slots.as_mut(), &mut a.slots, &desired.slots, &mut s).context("writing backend slots")?;
+        write_changed(t.rev_nat.as_mut(), &mut a.rev_nat, &desired.rev_nat, &mut s).context("writing reverse NAT")?;
+        write_changed(t.service_addrs.as_mut(), &mut a.service_addrs, &desired.service_addrs, &mut s)
+            .context("writing service addresses")?;
+        write_changed(t.frontends.as_mut(), &mut a.frontends, &desired.frontends, &mut s).context("writing frontends")?;
+        // Then the reverse: frontends first, so nothing is looked up through an entry being removed.
+        delete_unwanted(t.frontends.as_mut(), &mut a.frontends, &desired.frontends, &mut s)
+            .context("deleting frontends")?;
+        delete_unwanted(t.slots.as_mut(), &mut a.slots, &desired.slots, &mut s).context("deleting backend slots")?;
+        delete_unwanted(t.service_addrs.as_mut(), &mut a.service_addrs, &desired.service_addrs, &mut s)
+            .context("deleting service addresses")?;
+        delete_unwanted(t.rev_nat.as_mut(), &mut a.rev_nat, &desired.rev_nat, &mut s).context("deleting reverse NAT")?;
+        delete_unwanted(t.backends.as_mut(), &mut a.backends, &desired.backends, &mut s).context("deleting backends")?;
+        Ok(s)
+    }
+}

@@ -1,0 +1,271 @@
+//! `ebpf-proxy trace`: runs a synthetic packet through the real programs with BPF_PROG_TEST_RUN, on
+//! private maps programmed by the same code as `run`, and reports what the datapath does with it.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{TestRun as _, TestRunOptions};
+use clap::{Args, ValueEnum};
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use proxy_common::{FrontendKey, addr_to_map, port_to_map, stat_is_drop, stat_name};
+use serde::Serialize;
+
+use crate::{
+    config::{NodeArgs, Origin},
+    datapath::{Datapath, MapMode, PROG_FROM_NETDEV, PROG_FROM_POD},
+    model::{self, Model, ModelOptions, Protocol},
+    objects,
+    reconcile::Reconciler,
+    translate::{self, DesiredMaps, Ids},
+};
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum TraceProto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Kubernetes objects: a YAML file or a directory of them.
+    #[arg(long)]
+    pub objects: PathBuf,
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub proto: TraceProto,
+    /// Source address of the packet.
+    #[arg(long)]
+    pub src: Ipv4Addr,
+    /// Destination address and port.
+    #[arg(long)]
+    pub dst: SocketAddrV4,
+    /// Print exactly one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Forward,
+    Drop,
+    Reject,
+    Pass,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TraceBackend {
+    pub addr: String,
+    pub masquerade: bool,
+}
+
+/// The JSON contract of `trace --json`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TraceReport {
+    pub verdict: Verdict,
+    pub backends: Vec<TraceBackend>,
+    pub program: String,
+    pub reason: Option<String>,
+}
+
+/// What one run of the program did to the packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Outcome {
+    verdict: Verdict,
+    dst: Option<SocketAddrV4>,
+    masquerade: bool,
+    reason: Option<String>,
+}
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const FIRST_SPORT: u16 = 20_000;
+
+/// Builds the test packet: Ethernet + IPv4 + a TCP SYN or a UDP datagram with a small payload.
+pub fn build_packet(proto: TraceProto, src: Ipv4Addr, sport: u16, dst: SocketAddrV4) -> Result<Vec<u8>> {
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.octets(), dst.ip().octets(), 64);
+    let payload: &[u8] = b"trace";
+    let mut out = Vec::new();
+    match proto {
+        TraceProto::Tcp => {
+            let b = builder.tcp(sport, dst.port(), 1, 64_240).syn();
+            b.write(&mut out, &[])?;
+        }
+        TraceProto::Udp => builder.udp(sport, dst.port()).write(&mut out, payload)?,
+        TraceProto::Sctp => bail!("SCTP packets are not traced: the datapath does not handle SCTP Services yet"),
+    }
+    Ok(out)
+}
+
+/// Reads source, destination and their ports from a packet.
+pub fn endpoints_of(packet: &[u8]) -> Result<(SocketAddrV4, SocketAddrV4)> {
+    let sliced = SlicedPacket::from_ethernet(packet).context("parsing the output packet")?;
+    let Some(NetSlice::Ipv4(ip)) = sliced.net else { bail!("output is not IPv4") };
+    let (s, d) = (ip.header().source_addr(), ip.header().destination_addr());
+    let (sp, dp) = match sliced.transport {
+        Some(TransportSlice::Tcp(t)) => (t.source_port(), t.destination_port()),
+        Some(TransportSlice::Udp(u)) => (u.source_port(), u.destination_port()),
+        _ => bail!("output has no TCP/UDP header"),
+    };
+    Ok((SocketAddrV4::new(s, sp), SocketAddrV4::new(d, dp)))
+}
+
+/// The tc program that handles a packet from this origin in the deployed datapath.
+pub fn program_for(origin: Origin) -> &'static str {
+    match origin {
+        // Node-local traffic is balanced at connect() by sock4_connect; with --socket-lb=false the
+        // packet of a local process enters the same lookup as a pod's.
+        Origin::LocalPod | Origin::Node => PROG_FROM_POD,
+        Origin::External => PROG_FROM_NETDEV,
+    }
+}
+
+/// Private datapath programmed from the objects, ready to run packets through.
+pub struct TraceDatapath {
+    pub dp: Datapath,
+    pub model: Model,
+    pub desired: DesiredMaps,
+}
+
+impl TraceDatapath {
+    pub fn new(objects_path: &std::path::Path) -> Result<Self> {
+        let objects = objects::load(objects_path)?;
+        let model = model::build(&objects, &ModelOptions::default());
+        let (desired, _) = translate::translate(&model, &mut Ids::default());
+        let mut dp = Datapath::load(MapMode::Private)?;
+        let mut tables = dp.tables()?;
+        Reconciler::new(&tables)?.sync(&desired, &mut tables)?;
+        Ok(Self { dp, model, desired })
+    }
+
+    /// Runs one packet through `program` and interprets the result.
+    fn run_once(&self, program: &str, packet: &[u8], node_ips: &[Ipv4Addr]) -> Result<Outcome> {
+        let prog = self.dp.classifier(program)?;
+        let before = self.dp.read_stats()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let res = prog
+            .test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ..Default::default() })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(res.data_size_out as usize);
+        let after = self.dp.read_stats()?;
+        let reason = (0..before.len()).find(|&i| after[i] > before[i] && stat_is_drop(i as u32)).and_then(|i| stat_name(i as u32));
+        let (src_in, dst_in) = endpoints_of(packet)?;
+        Ok(match res.return_value {
+            TC_ACT_OK => {
+                let (src_out, dst_out) = endpoints_of(&out)?;
+                if dst_out != dst_in {
+                    let masquerade = src_out.ip() != src_in.ip() && node_ips.contains(src_out.ip());
+                    Outcome { verdict: Verdict::Forward, dst: Some(dst_out), masquerade, reason: None }
+                } else {
+                    Outcome { verdict: Verdict::Pass, dst: None, masquerade: false, reason: None }
+                }
+            }
+            TC_ACT_SHOT => Outcome { verdict: Verdict::Drop, dst: None, masquerade: false, reason: reason.map(Into::into) },
+            other => bail!("{program} returned unexpected action {other}"),
+        })
+    }
+
+    /// Runs the packet often enough to see every backend the program can choose.
+    pub fn trace(&self, args: &TraceArgs) -> Result<TraceReport> {
+        let origin = args.node.origin(args.src);
+        let program = program_for(origin);
+        let proto = match args.proto {
+            TraceProto::Tcp => Protocol::Tcp,
+            TraceProto::Udp => Protocol::Udp,
+            TraceProto::Sctp => Protocol::Sctp,
+        };
+        let key = FrontendKey {
+            addr: addr_to_map(args.dst.ip().octets()),
+            port: port_to_map(args.dst.port()),
+            proto: proto.number(),
+            _pad: 0,
+        };
+        let count = self.desired.frontends.get(&key).map_or(1, |f| u32::from(f.backend_count).max(1));
+        // P(some backend never chosen) <= n·(1-1/n)^runs < 1e-9 for these run counts.
+        let runs = (32 + 24 * count).min(40_000);
+        let mut backends = BTreeMap::new();
+        let mut verdicts = BTreeMap::new();
+        for i in 0..runs {
+            let sport = FIRST_SPORT.wrapping_add(i as u16);
+            let packet = build_packet(args.proto, args.src, sport, args.dst)?;
+            let o = self.run_once(program, &packet, &args.node.node_ips)?;
+            if let Some(dst) = o.dst {
+                backends.insert(dst, o.masquerade);
+            }
+            verdicts.entry(o.verdict).or_insert(o.reason);
+        }
+        if verdicts.len() > 1 {
+            bail!("the program gave different verdicts for the same packet: {verdicts:?}");
+        }
+        let (verdict, reason) = verdicts.into_iter().next().context("no runs")?;
+        let mut backends: Vec<_> = backends
+            .into_iter()
+            .map(|(addr, masquerade)| (addr, TraceBackend { addr: addr.to_string(), masquerade }))
+            .collect();
+        backends.sort_by_key(|(a, _)| (u32::from(*a.ip()), a.port()));
+        Ok(TraceReport { verdict, backends: backends.into_iter().map(|(_, b)| b).collect(), program: program.into(), reason })
+    }
+
+    /// The readable explanation: the matching Service port and why its endpoints are (not) eligible.
+    pub fn explain(&self, args: &TraceArgs, report: &TraceReport) -> String {
+        let mut s = String::new();
+        let origin = args.node.origin(args.src);
+        let proto = format!("{:?}", args.proto).to_uppercase();
+        let _ = writeln!(s, "packet   {proto} {}:{} -> {}", args.src, FIRST_SPORT, args.dst);
+        let _ = writeln!(s, "origin   {origin:?} (program {})", report.program);
+        let sp = self.model.ports.values().find(|sp| {
+            sp.cluster_ip == *args.dst.ip() && sp.port == args.dst.port() && format!("{}", sp.name.protocol) == proto
+        });
+        match sp {
+            Some(sp) => {
+                let _ = writeln!(s, "service  {} (ClusterIP {}:{})", sp.name, sp.cluster_ip, sp.port);
+                let usable = sp.usable_endpoints();
+                for ep in &sp.endpoints {
+                    let why = if usable.contains(&ep) {
+                        if ep.ready { "eligible: ready" } else { "eligible: serving while terminating (no ready endpoint)" }
+                    } else if !ep.ready && !ep.serving {
+                        "not eligible: not ready"
+                    } else {
+                        "not eligible: terminating, and ready endpoints exist"
+                    };
+                    let node = ep.node_name.as_deref().unwrap_or("?");
+                    let _ = writeln!(s, "endpoint {}:{} on {node}: {why}", ep.addr, ep.port);
+                }
+                if sp.endpoints.is_empty() {
+                    let _ = writeln!(s, "endpoint (none)");
+                }
+            }
+            None => {
+                let _ = writeln!(s, "service  none: {} is not a Service port", args.dst);
+            }
+        }
+        let verdict = format!("{:?}", report.verdict).to_lowercase();
+        let _ = write!(s, "verdict  {verdict}");
+        if let Some(r) = &report.reason {
+            let _ = write!(s, " ({r})");
+        }
+        let _ = writeln!(s);
+        for b in &report.backends {
+            let _ = writeln!(s, "backend  {}{}", b.addr, if b.masquerade { " (source masqueraded)" } else { "" });
+        }
+        s
+    }
+}
+
+pub fn trace(args: &TraceArgs) -> Result<()> {
+    let tdp = TraceDatapath::new(&args.objects)?;
+    let report = tdp.trace(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", tdp.explain(args, &report));
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Installs everything a fresh Debian bookworm machine needs to build ebpf-proxy and run its tests and demo:
+# Debian packages, the pinned Rust toolchain with rust-src, and bpf-linker built against that toolchain's own
+# libLLVM. Idempotent: a second run only checks and returns in seconds.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+BPF_LINKER_VERSION=0.13.0
+PREFIX=${EBPF_PROXY_TOOLS:-$HOME/.local/ebpf-proxy}
+log() { printf '[setup] %s\n' "$*"; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- Debian packages --------------------------------------------------------------------------------------
+# nginx-light: backends (as in the seed manifests); curl/iperf3/wrk: clients; iproute2: namespaces and veth;
+# bpftool: map and program inspection; zlib/zstd dev: libLLVM's link dependencies for bpf-linker.
+PKGS=(nginx-light curl iproute2 bpftool iperf3 wrk procps ca-certificates build-essential pkg-config zlib1g-dev libzstd-dev)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  # Package scripts must not start daemons (nginx) on this machine: tests start their own, in namespaces.
+  policy=/usr/sbin/policy-rc.d
+  had_policy=0; [ -e "$policy" ] && had_policy=1
+  if [ $had_policy = 0 ]; then printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null; as_root chmod +x "$policy"; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  [ $had_policy = 0 ] && as_root rm -f "$policy"
+  # Some nginx packages start the default server regardless; it is not ours to keep.
+  as_root pkill -x nginx 2>/dev/null || true
+fi
+
+# --- Rust toolchain -----------------------------------------------------------------------------------------
+if ! command -v rustup >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/rustup" ]; then export PATH="$HOME/.cargo/bin:$PATH"; else
+    log "installing rustup"
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none --no-modify-path
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi
+rustup set auto-self-update disable >/dev/null 2>&1 || true
+channel=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+if ! rustup run "$channel" rustc --version >/dev/null 2>&1; then
+  log "installing Rust $channel"
+  rustup toolchain install "$channel" --profile minimal --no-self-update
+fi
+installed=$(rustup component list --toolchain "$channel" --installed)
+for c in rust-src rustfmt clippy; do
+  echo "$installed" | grep -q "^$c" || rustup component add --toolchain "$channel" "$c"
+done
+
+# --- bpf-linker against the toolchain's own libLLVM ------------------------------------------------------------
+sysroot=$(rustup run "$channel" rustc --print sysroot)
+libllvm=$(cd "$sysroot/lib" && ls libLLVM.so.* 2>/dev/null | head -n 1)
+[ -n "$libllvm" ] || { echo "no libLLVM in $sysroot/lib" >&2; exit 1; }
+llvm_major=$(rustup run "$channel" rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+stamp="$PREFIX/stamp"
+want="$BPF_LINKER_VERSION $libllvm"
+if [ ! -x "$PREFIX/bin/bpf-linker" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "building bpf-linker $BPF_LINKER_VERSION against $libllvm (LLVM $llvm_major)"
+  mkdir -p "$PREFIX/llvm/lib"
+  rm -f "$PREFIX/llvm/lib/"libLLVM*
+  # A copy, not a link: bpf-linker's RUNPATH points here and must survive toolchain changes.
+  cp "$sysroot/lib/$libllvm" "$PREFIX/llvm/lib/"
+  ln -sf "$libllvm" "$PREFIX/llvm/lib/libLLVM.so"
+  LLVM_PREFIX="$PREFIX/llvm" RUSTFLAGS="-C link-arg=-Wl,-rpath,$PREFIX/llvm/lib" \
+    rustup run "$channel" cargo install bpf-linker --locked --version "$BPF_LINKER_VERSION" \
+    --no-default-features --features "llvm-$llvm_major" --root "$PREFIX" --force
+  echo "$want" > "$stamp"
+fi
+# Make bpf-linker visible to cargo without touching the caller's PATH.
+mkdir -p "$HOME/.cargo/bin"
+ln -sf "$PREFIX/bin/bpf-linker" "$HOME/.cargo/bin/bpf-linker"
+
+# --- Kernel mounts the datapath and tests use ----------------------------------------------------------------
+mountpoint -q /sys/fs/bpf || as_root mount -t bpf bpf /sys/fs/bpf
+log "ready: $(rustup run "$channel" rustc --version), bpf-linker $("$PREFIX/bin/bpf-linker" --version 2>/dev/null | head -n1)"
