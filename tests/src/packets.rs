@@ -1,0 +1,96 @@
+//! Building test packets and checking what the programs made of them.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use etherparse::{Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TcpHeader, TransportSlice, UdpHeader};
+
+pub const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+pub const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+/// Ethernet + IPv4 + TCP with the given flags (`syn`, `ack`).
+pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, syn: bool, ack: bool, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src.ip().octets(), dst.ip().octets(), 64).tcp(
+        src.port(),
+        dst.port(),
+        1000,
+        64_240,
+    );
+    if syn {
+        b = b.syn();
+    }
+    if ack {
+        b = b.ack(1);
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build tcp");
+    out
+}
+
+/// Ethernet + IPv4 + UDP.
+pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port())
+        .write(&mut out, payload)
+        .expect("build udp");
+    out
+}
+
+/// Offsets in a frame without IP options.
+pub const IP_OFF: usize = 14;
+pub const L4_OFF: usize = 34;
+
+/// Recomputes the IPv4 header checksum of a frame (after a test edited the header).
+pub fn fix_ip_checksum(frame: &mut [u8]) {
+    let ihl = usize::from(frame[IP_OFF] & 0x0f) * 4;
+    frame[IP_OFF + 10..IP_OFF + 12].fill(0);
+    let (h, _) = Ipv4Header::from_slice(&frame[IP_OFF..IP_OFF + ihl]).expect("ip header");
+    let c = h.calc_header_checksum();
+    frame[IP_OFF + 10..IP_OFF + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// A parsed frame's addresses, ports and checksum validity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub ip_checksum_ok: bool,
+    /// L4 checksum valid (`None`: UDP without checksum).
+    pub l4_checksum_ok: Option<bool>,
+    pub udp_checksum: Option<u16>,
+}
+
+/// Parses a frame and verifies its IPv4 and TCP/UDP checksums from scratch.
+pub fn inspect(frame: &[u8]) -> Seen {
+    let sliced = SlicedPacket::from_ethernet(frame).expect("parse frame");
+    let Some(NetSlice::Ipv4(ip)) = sliced.net else { panic!("not IPv4") };
+    let header = ip.header().to_header();
+    let ip_checksum_ok = header.calc_header_checksum() == header.header_checksum;
+    let payload = ip.payload().payload;
+    let (s, d) = (header.source, header.destination);
+    let (sp, dp, l4_checksum_ok, udp_checksum) = match sliced.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let h: TcpHeader = t.to_header();
+            let ok = h.calc_checksum_ipv4(&header, t.payload()).expect("tcp checksum") == h.checksum;
+            (h.source_port, h.destination_port, Some(ok), None)
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let h: UdpHeader = u.to_header();
+            let ok = if h.checksum == 0 {
+                None
+            } else {
+                Some(h.calc_checksum_ipv4(&header, u.payload()).expect("udp checksum") == h.checksum)
+            };
+            (h.source_port, h.destination_port, ok, Some(h.checksum))
+        }
+        _ => panic!("no TCP/UDP in {payload:?}"),
+    };
+    Seen {
+        src: SocketAddrV4::new(Ipv4Addr::from(s), sp),
+        dst: SocketAddrV4::new(Ipv4Addr::from(d), dp),
+        ip_checksum_ok,
+        l4_checksum_ok,
+        udp_checksum,
+    }
+}
