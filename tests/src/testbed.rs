@@ -290,9 +290,7 @@ impl Node {
         let id = unique_id();
         let ns = Netns::new(format!("epx-{id}-node"))?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
-        ns.ip(&["link", "add", "dummy0", "type", "dummy"])?;
-        ns.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "dummy0"])?;
-        ns.ip(&["link", "set", "dummy0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
         let cgroup = Cgroup::new(&id)?;
         let bpffs = BpffsDir { path: Path::new(BPFFS_ROOT).join(format!("epx-test-{id}")) };
         let work = std::env::temp_dir().join(format!("epx-{id}"));
@@ -386,6 +384,14 @@ impl Node {
             ensure!(status.success(), "ebpf-proxy exited with {status}; log:\n{}", self.proxy_log_text());
         }
         Ok(())
+    }
+
+    /// The datapath's per-reason counters (summed over CPUs), read from the pinned STATS map.
+    pub fn stats(&self) -> Result<Vec<u64>> {
+        let data = aya::maps::MapData::from_pin(self.bpffs.path.join("STATS"))?;
+        let map = aya::maps::Map::PerCpuArray(data);
+        let stats: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(&map)?;
+        (0..proxy_common::STAT_MAX).map(|i| Ok(stats.get(&i, 0)?.iter().sum())).collect()
     }
 
     pub fn proxy_log_text(&self) -> String {

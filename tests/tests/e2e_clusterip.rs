@@ -1,0 +1,221 @@
+//! Live end-to-end tests: a node in network namespaces with nginx pods and a client pod, ebpf-proxy
+//! running in the node namespace, real curl and real sockets. Needs root; fails (never skips) without.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    process::Stdio,
+    time::Duration,
+};
+
+use proxy_common::{STAT_CT_NEW, STAT_FORWARD_DNAT, STAT_REVERSE_NAT, STAT_SOCK_CONNECT};
+use tests::{
+    proxy_binary,
+    testbed::{LbMode, Node, Proc, answered_by, client_seen, run, service_yaml, slice_yaml},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+
+/// A node with `backends` nginx pods (pod-0..) and a client pod, a Service `web` on VIP:80 over all
+/// backends, and the proxy running in `mode`.
+fn node_with_service(backends: usize, mode: LbMode) -> Node {
+    let mut node = Node::new(backends).expect("testbed node");
+    for pod in &mut node.pods {
+        pod.start_nginx().expect("nginx");
+    }
+    node.add_pod("client").expect("client pod");
+    let ips: Vec<_> = node.pods[..backends].iter().map(|p| p.ip).collect();
+    node.write_objects("web.yaml", &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice_yaml("web", 80, "TCP", &ips)))
+        .unwrap();
+    node.start_proxy(&proxy_binary(), mode).expect("proxy");
+    node
+}
+
+/// curls the Service `n` times from the client and returns the set of pods that answered.
+fn pods_reached(node: &Node, in_cgroup: bool, n: usize) -> BTreeSet<String> {
+    let client_ip = node.pod("client").ip.to_string();
+    (0..n)
+        .map(|_| {
+            let body = node.curl("client", in_cgroup, &format!("http://{VIP}/")).expect("curl through the ClusterIP");
+            let seen = client_seen(&body).expect("client address in answer");
+            assert!(seen.starts_with(&format!("{client_ip}:")), "backend saw {seen}, not the client pod");
+            answered_by(&body).expect("pod name in answer").to_owned()
+        })
+        .collect()
+}
+
+fn all_backends(n: usize) -> BTreeSet<String> {
+    (0..n).map(|i| format!("pod-{i}")).collect()
+}
+
+#[test]
+fn socket_lb_reaches_every_backend() {
+    let mut node = node_with_service(3, LbMode::Socket);
+    assert_eq!(pods_reached(&node, true, 30), all_backends(3));
+    // connect() was translated: no packet needed the tc path.
+    let stats = node.stats().unwrap();
+    assert_eq!(stats[STAT_SOCK_CONNECT as usize], 30, "{stats:?}");
+    assert_eq!(stats[STAT_FORWARD_DNAT as usize], 0, "{stats:?}");
+    node.stop_proxy().unwrap();
+}
+
+#[test]
+fn tc_path_alone_reaches_every_backend() {
+    let mut node = node_with_service(3, LbMode::TcOnly);
+    // Clients in the cgroup too: with --socket-lb=false nothing is attached there.
+    assert_eq!(pods_reached(&node, true, 30), all_backends(3));
+    let stats = node.stats().unwrap();
+    assert_eq!(stats[STAT_CT_NEW as usize], 30, "{stats:?}");
+    assert_eq!(stats[STAT_SOCK_CONNECT as usize], 0, "{stats:?}");
+    assert!(stats[STAT_REVERSE_NAT as usize] >= 30, "{stats:?}");
+    node.stop_proxy().unwrap();
+    // Stopping detaches everything and unpins the maps: the Service address is gone.
+    assert!(!node.bpffs.path.exists(), "pins left behind");
+    assert!(node.curl("client", false, &format!("http://{VIP}/")).is_err(), "ClusterIP still answers after shutdown");
+}
+
+fn udp_node(mode: LbMode) -> (Node, Vec<Proc>) {
+    let mut node = Node::new(2).expect("testbed node");
+    node.add_pod("client").unwrap();
+    let echo = env!("CARGO_BIN_EXE_udp-echo");
+    let servers = node.pods[..2]
+        .iter()
+        .map(|p| {
+            let mut c = p.ns.command(echo);
+            c.args(["serve", &p.name, "5353"]).stdout(Stdio::null());
+            Proc::spawn(c, format!("udp-echo in {}", p.name)).unwrap()
+        })
+        .collect();
+    let ips: Vec<_> = node.pods[..2].iter().map(|p| p.ip).collect();
+    node.write_objects(
+        "dns.yaml",
+        &(service_yaml("dns", UDP_VIP, 53, "UDP") + "---\n" + &slice_yaml("dns", 5353, "UDP", &ips)),
+    )
+    .unwrap();
+    node.start_proxy(&proxy_binary(), mode).unwrap();
+    (node, servers)
+}
+
+/// Sends `n` UDP requests from the client and checks every answer comes from the Service address.
+fn udp_ask(node: &Node, in_cgroup: bool, connect: bool, n: usize) -> BTreeSet<String> {
+    let echo = env!("CARGO_BIN_EXE_udp-echo");
+    let mut args = vec!["ask".to_owned(), format!("{UDP_VIP}:53"), n.to_string()];
+    if connect {
+        args.push("connect".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&mut node.pod_command("client", in_cgroup, echo, &args)).expect("UDP request/response");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), n, "{out}");
+    lines
+        .iter()
+        .map(|l| {
+            assert!(l.starts_with(&format!("from={UDP_VIP}:53 ")), "answer not from the Service address: {l}");
+            if connect {
+                assert!(l.contains(&format!("peer={UDP_VIP}:53 ")), "getpeername shows the backend: {l}");
+            }
+            answered_by(l).unwrap().to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn udp_request_response_through_cluster_ip_tc_path() {
+    let (mut node, _servers) = udp_node(LbMode::TcOnly);
+    // One socket, several datagrams: one flow, one backend (as conntrack pins it).
+    assert_eq!(udp_ask(&node, false, false, 5).len(), 1);
+    // New sockets spread over both backends.
+    let reached: BTreeSet<_> = (0..20).flat_map(|_| udp_ask(&node, false, false, 1)).collect();
+    assert_eq!(reached, all_backends(2));
+    node.stop_proxy().unwrap();
+}
+
+#[test]
+fn udp_request_response_through_cluster_ip_socket_lb() {
+    let (mut node, _servers) = udp_node(LbMode::Socket);
+    assert_eq!(udp_ask(&node, true, false, 5).len(), 1, "sendmsg flow sticks to one backend");
+    assert_eq!(udp_ask(&node, true, true, 5).len(), 1, "connected socket talks to one backend");
+    let reached: BTreeSet<_> = (0..20).flat_map(|_| udp_ask(&node, true, false, 1)).collect();
+    assert_eq!(reached, all_backends(2));
+    node.stop_proxy().unwrap();
+}
+
+/// Sends one HTTP request on a kept-alive connection and returns the answering pod.
+fn keepalive_request(stream: &mut TcpStream) -> String {
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut len = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).unwrap();
+    answered_by(&String::from_utf8_lossy(&body)).unwrap().to_owned()
+}
+
+/// Opens a TCP connection from inside a namespace (the socket keeps the namespace it was made in).
+fn connect_in(ns: &str, to: SocketAddrV4) -> TcpStream {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn removing_an_endpoint_keeps_established_connections_to_the_others() {
+    let mut node = node_with_service(3, LbMode::TcOnly);
+    let client_ns = node.pod("client").ns.name.clone();
+    // An established connection; note its backend.
+    let mut conn = connect_in(&client_ns, SocketAddrV4::new(VIP, 80));
+    let kept = keepalive_request(&mut conn);
+    // Remove another endpoint.
+    let removed = all_backends(3).into_iter().find(|p| *p != kept).unwrap();
+    let remaining: Vec<_> = node.pods[..3].iter().filter(|p| p.name != removed).map(|p| p.ip).collect();
+    node.write_objects("web.yaml", &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice_yaml("web", 80, "TCP", &remaining)))
+        .unwrap();
+    node.wait_for_syncs(2).unwrap();
+    let reached = pods_reached(&node, false, 30);
+    assert!(!reached.contains(&removed), "new connections still reach {removed}: {reached:?}");
+    assert_eq!(reached.len(), 2);
+    // The established connection still works, to the same backend.
+    for _ in 0..5 {
+        assert_eq!(keepalive_request(&mut conn), kept);
+    }
+    node.stop_proxy().unwrap();
+}
+
+#[test]
+fn pod_interfaces_are_attached_as_they_appear() {
+    let mut node = node_with_service(1, LbMode::TcOnly);
+    // A new backend pod appears after the proxy started.
+    let pod = node.add_pod("late").unwrap();
+    pod.start_nginx().unwrap();
+    let late_ip = pod.ip;
+    let log_has = |node: &Node, s: &str| node.proxy_log_text().contains(s);
+    tests::testbed::wait_for(Duration::from_secs(5), || log_has(&node, &format!("{}", node.pod("late").host_if)))
+        .expect("proxy attached to the new interface");
+    let ips = vec![node.pods[0].ip, late_ip];
+    node.write_objects("web.yaml", &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice_yaml("web", 80, "TCP", &ips)))
+        .unwrap();
+    node.wait_for_syncs(2).unwrap();
+    // Through the tc path alone, replies from the late pod are reverse-translated only if the proxy
+    // attached to its interface.
+    let reached = pods_reached(&node, false, 30);
+    assert!(reached.contains("late"), "{reached:?}");
+    node.stop_proxy().unwrap();
+}
