@@ -1,0 +1,217 @@
+//! The model and its translation to map entries, without root: Kubernetes YAML in, map entries out.
+
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
+
+use ebpf_proxy::{
+    model::{self, ModelOptions},
+    objects::{self, Objects},
+    reconcile::{Reconciler, Table, Tables},
+    translate::{self, DesiredMaps, Ids},
+};
+use proxy_common::{FrontendKey, PROTO_TCP, PROTO_UDP, addr_to_map, port_to_map};
+
+fn objects(yaml: &str) -> Objects {
+    let mut o = Objects::default();
+    objects::parse_into(yaml, "test", &mut o);
+    o
+}
+
+fn svc(name: &str, ip: &str, ports: &str) -> String {
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  clusterIP: {ip}\n  ports: {ports}\n---\n")
+}
+
+fn slice(name: &str, svc: &str, ports: &str, endpoints: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: ns, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: {ports}\nendpoints: {endpoints}\n---\n"
+    )
+}
+
+fn fe(ip: [u8; 4], port: u16, proto: u8) -> FrontendKey {
+    FrontendKey { addr: addr_to_map(ip), port: port_to_map(port), proto, _pad: 0 }
+}
+
+fn build(yaml: &str) -> (model::Model, DesiredMaps) {
+    let m = model::build(&objects(yaml), &ModelOptions::default());
+    let (d, _) = translate::translate(&m, &mut Ids::default());
+    (m, d)
+}
+
+#[test]
+fn malformed_and_foreign_services_are_skipped_and_the_rest_kept() {
+    let yaml = [
+        svc("good", "10.96.0.1", "[{name: a, port: 80}]"),
+        svc("headless", "None", "[{port: 80}]"),
+        svc("badip", "10.96.0.999", "[{port: 80}]"),
+        svc("v6", "fd00::1", "[{port: 80}]"),
+        svc("port0", "10.96.0.3", "[{port: 0}]"),
+        svc("dup", "10.96.0.4", "[{name: a, port: 80}, {name: b, port: 80}]"),
+        svc("proto", "10.96.0.5", "[{port: 80, protocol: ICMP}]"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: ns}\nspec: {type: ExternalName, externalName: x.example}\n---\n".into(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: ns, labels: {service.kubernetes.io/service-proxy-name: foo}}\nspec: {clusterIP: 10.96.0.6, ports: [{port: 80}]}\n---\n".into(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: ns}\nspec: {clusterIP: 10.96.0.7, ports: [{port: eighty}]}\n---\n".into(),
+        "kind: Deployment\napiVersion: apps/v1\nmetadata: {name: web}\n".into(),
+    ]
+    .concat();
+    let (m, d) = build(&yaml);
+    assert_eq!(m.ports.len(), 1, "{:?}", m.ports.keys().collect::<Vec<_>>());
+    assert!(d.frontends.contains_key(&fe([10, 96, 0, 1], 80, PROTO_TCP)));
+    // One clear line per malformed object, naming it.
+    for name in ["badip", "v6", "port0", "dup", "proto", "broken"] {
+        assert!(m.errors.iter().any(|e| e.contains(name)), "no error for {name}: {:?}", m.errors);
+    }
+    assert_eq!(m.errors.len(), 6, "{:?}", m.errors);
+}
+
+#[test]
+fn slices_join_by_label_and_port_name_and_merge() {
+    let yaml = [
+        svc("web", "10.96.0.1", "[{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]"),
+        slice(
+            "web-a",
+            "web",
+            "[{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]",
+            "[{addresses: [10.0.0.1]}, {addresses: [10.0.0.2], conditions: {ready: false}}]",
+        ),
+        slice("web-b", "web", "[{name: http, port: 8080}]", "[{addresses: [10.0.0.3]}, {addresses: [10.0.0.1]}]"),
+        slice("other", "nope", "[{name: http, port: 1}]", "[{addresses: [10.9.9.9]}]"),
+    ]
+    .concat();
+    let (m, d) = build(&yaml);
+    let http = m.ports.values().find(|p| p.name.port == "http").unwrap();
+    let addrs: Vec<_> = http.endpoints.iter().map(|e| (e.addr, e.port, e.ready)).collect();
+    assert_eq!(
+        addrs,
+        vec![
+            (Ipv4Addr::new(10, 0, 0, 1), 8080, true),
+            (Ipv4Addr::new(10, 0, 0, 2), 8080, false),
+            (Ipv4Addr::new(10, 0, 0, 3), 8080, true)
+        ]
+    );
+    let f = d.frontends[&fe([10, 96, 0, 1], 80, PROTO_TCP)];
+    assert_eq!(f.backend_count, 2, "not-ready endpoint excluded");
+    let u = d.frontends[&fe([10, 96, 0, 1], 53, PROTO_UDP)];
+    assert_eq!(u.backend_count, 1);
+    assert_eq!(d.slots.len(), 3);
+    assert_eq!(d.rev_nat[&f.service_id].port, port_to_map(80));
+    assert_eq!(d.service_addrs.len(), 1);
+    assert_eq!(d.service_addrs[&addr_to_map([10, 96, 0, 1])].frontends, 2);
+}
+
+#[test]
+fn terminating_endpoints_are_used_only_when_none_is_ready() {
+    let yaml = [
+        svc("web", "10.96.0.1", "[{port: 80}]"),
+        slice(
+            "web-a",
+            "web",
+            "[{port: 80}]",
+            "[{addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.0.0.2], conditions: {ready: false, serving: false, terminating: true}}]",
+        ),
+    ]
+    .concat();
+    let (_, d) = build(&yaml);
+    assert_eq!(d.frontends[&fe([10, 96, 0, 1], 80, PROTO_TCP)].backend_count, 1);
+    assert_eq!(d.backends.values().next().unwrap().addr, addr_to_map([10, 0, 0, 1]));
+}
+
+/// A table that records every write and delete, in order, into a shared log.
+struct Recorder<K, V> {
+    name: &'static str,
+    inner: std::collections::BTreeMap<K, V>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl<K: Ord + Clone, V: Clone> Table<K, V> for Recorder<K, V> {
+    fn put(&mut self, k: &K, v: &V) -> anyhow::Result<()> {
+        self.log.lock().unwrap().push(format!("put {}", self.name));
+        self.inner.put(k, v)
+    }
+    fn del(&mut self, k: &K) -> anyhow::Result<()> {
+        self.log.lock().unwrap().push(format!("del {}", self.name));
+        self.inner.del(k)
+    }
+    fn entries(&self) -> anyhow::Result<std::collections::BTreeMap<K, V>> {
+        self.inner.entries()
+    }
+}
+
+fn recording_tables(log: &Arc<Mutex<Vec<String>>>) -> Tables {
+    fn r<K, V>(name: &'static str, log: &Arc<Mutex<Vec<String>>>) -> Box<Recorder<K, V>> {
+        Box::new(Recorder { name, inner: Default::default(), log: log.clone() })
+    }
+    Tables {
+        frontends: r("frontend", log),
+        slots: r("slot", log),
+        backends: r("backend", log),
+        rev_nat: r("revnat", log),
+        service_addrs: r("addr", log),
+    }
+}
+
+fn web(endpoints: &[&str]) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|a| format!("{{addresses: [{a}]}}")).collect();
+    [
+        svc("web", "10.96.0.1", "[{port: 80}]"),
+        slice("web-a", "web", "[{port: 80}]", &format!("[{}]", eps.join(", "))),
+        svc("api", "10.96.0.2", "[{port: 443}]"),
+        slice("api-a", "api", "[{port: 443}]", "[{addresses: [10.1.0.1]}, {addresses: [10.1.0.2]}]"),
+    ]
+    .concat()
+}
+
+#[test]
+fn reconciler_writes_references_first_deletes_in_reverse_and_touches_only_changes() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut tables = recording_tables(&log);
+    let mut rec = Reconciler::new(&tables).unwrap();
+    let mut ids = Ids::default();
+    let sync = |yaml: &str, ids: &mut Ids, rec: &mut Reconciler, tables: &mut Tables| {
+        let m = model::build(&objects(yaml), &ModelOptions::default());
+        let (d, _) = translate::translate(&m, ids);
+        let s = rec.sync(&d, tables).unwrap();
+        assert_eq!(&tables.dump().unwrap(), &d, "maps equal the desired state");
+        s
+    };
+    sync(&web(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), &mut ids, &mut rec, &mut tables);
+    let first: Vec<String> = log.lock().unwrap().drain(..).collect();
+    let last_backend = first.iter().rposition(|l| l == "put backend").unwrap();
+    let first_frontend = first.iter().position(|l| l == "put frontend").unwrap();
+    assert!(last_backend < first_frontend, "{first:?}");
+    let api_id = tables.dump().unwrap().frontends[&fe([10, 96, 0, 2], 443, PROTO_TCP)].service_id;
+
+    // Remove the first web endpoint: only web's entries change, api is not touched.
+    let s = sync(&web(&["10.0.0.2", "10.0.0.3"]), &mut ids, &mut rec, &mut tables);
+    let second: Vec<String> = log.lock().unwrap().drain(..).collect();
+    // Slots 0 and 1 rewritten, frontend count updated, slot 2 and the backend deleted.
+    assert_eq!(second, ["put slot", "put slot", "put frontend", "del slot", "del backend"], "{second:?}");
+    assert_eq!((s.written, s.deleted), (3, 2));
+    assert_eq!(tables.dump().unwrap().frontends[&fe([10, 96, 0, 2], 443, PROTO_TCP)].service_id, api_id);
+
+    // Nothing changed: nothing written.
+    let s = sync(&web(&["10.0.0.2", "10.0.0.3"]), &mut ids, &mut rec, &mut tables);
+    assert_eq!((s.written, s.deleted), (0, 0));
+
+    // Removing the Service deletes the frontend before what it referenced.
+    let only_api = web(&["10.0.0.2"]).split("---\n").skip(2).collect::<Vec<_>>().join("---\n");
+    sync(&only_api, &mut ids, &mut rec, &mut tables);
+    let third: Vec<String> = log.lock().unwrap().drain(..).collect();
+    assert_eq!(third.first().map(String::as_str), Some("del frontend"), "{third:?}");
+    assert_eq!(third.last().map(String::as_str), Some("del backend"), "{third:?}");
+}
+
+#[test]
+fn ids_are_stable_and_restored_from_the_maps() {
+    let yaml = web(&["10.0.0.1", "10.0.0.2"]);
+    let m = model::build(&objects(&yaml), &ModelOptions::default());
+    let mut ids = Ids::default();
+    let (d1, _) = translate::translate(&m, &mut ids);
+    let (d2, _) = translate::translate(&m, &mut ids);
+    assert_eq!(d1, d2);
+    // A restarted proxy reads the IDs back and computes exactly what the maps already hold.
+    let mut restored = Ids::restore(&d1.frontends, &d1.backends);
+    let (d3, _) = translate::translate(&m, &mut restored);
+    assert_eq!(d1, d3);
+}
