@@ -2,6 +2,8 @@
 fn main() {
     println!("cargo::rerun-if-env-changed=PATH");
     if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("bpf") && which::which("bpf-linker").is_err() {
-        panic!("bpf-linker is not on PATH: run scripts/setup.sh (it builds bpf-linker against the pinned toolchain's LLVM)");
+        panic!(
+            "bpf-linker is not on PATH: run scripts/setup.sh (it builds bpf-linker against the pinned toolchain's LLVM)"
+        );
     }
 }

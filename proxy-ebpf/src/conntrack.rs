@@ -2,8 +2,8 @@
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use proxy_common::{
-    CT_DIR_REPLY, CT_DIR_SERVICE, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, CtEntry, CtKey,
-    PROTO_TCP, STAT_DROP_CT_FULL, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ct_alive,
+    CT_DIR_REPLY, CT_DIR_SERVICE, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, CtEntry, CtKey, PROTO_TCP,
+    STAT_DROP_CT_FULL, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ct_alive,
 };
 
 use crate::{maps::CONNTRACK, packet::Packet};

@@ -70,11 +70,7 @@ fn reply_key_for(pkt: &Packet, t: &Translation) -> CtKey {
 /// Records that replies of this connection must appear to come from the Service address.
 #[inline(always)]
 fn create_reply(key: &CtKey, pkt: &Packet, t: &Translation, now: u64, state: u8) -> Result<(), u32> {
-    let restore = Translation {
-        nat_addr: pkt.daddr,
-        nat_port: pkt.dport,
-        backend_id: t.backend_id,
-        service_id: t.service_id,
-    };
+    let restore =
+        Translation { nat_addr: pkt.daddr, nat_port: pkt.dport, backend_id: t.backend_id, service_id: t.service_id };
     conntrack::create(key, now, state, 0, &restore)
 }

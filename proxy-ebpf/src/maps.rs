@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Backend, BackendSlotKey, CtEntry, CtKey, Frontend, FrontendKey, MAX_BACKEND_SLOTS, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, RevNat, STAT_MAX, ServiceAddr,
-    SockFlow, SockFlowKey, SockRevNatKey,
+    Backend, BackendSlotKey, CtEntry, CtKey, Frontend, FrontendKey, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_FRONTENDS, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, RevNat, STAT_MAX, ServiceAddr, SockFlow, SockFlowKey,
+    SockRevNatKey,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -18,8 +18,7 @@ const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 pub static FRONTENDS: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map]
-pub static BACKEND_SLOTS: HashMap<BackendSlotKey, u32, { MAX_BACKEND_SLOTS as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static BACKEND_SLOTS: HashMap<BackendSlotKey, u32, { MAX_BACKEND_SLOTS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map]
 pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
@@ -28,8 +27,7 @@ pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLO
 pub static REV_NAT: HashMap<u32, RevNat, { MAX_FRONTENDS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map]
-pub static SERVICE_ADDRS: HashMap<u32, ServiceAddr, { MAX_SERVICE_ADDRS as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static SERVICE_ADDRS: HashMap<u32, ServiceAddr, { MAX_SERVICE_ADDRS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = LruHashMap::new();

@@ -4,14 +4,14 @@
 //! Return value of cgroup sock_addr programs: 1 lets the call proceed (with the rewritten address).
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_ANY, bpf_sock_addr},
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockAddrContext,
-    EbpfContext,
 };
 use proxy_common::{
-    Backend, CT_LIFETIME_OTHER_NS, Frontend, PROTO_TCP, PROTO_UDP, RevNat, STAT_SOCK_CONNECT,
-    STAT_SOCK_NO_ENDPOINTS, STAT_SOCK_REV_NAT, STAT_SOCK_SENDMSG, SockFlow, SockFlowKey, SockRevNatKey,
+    Backend, CT_LIFETIME_OTHER_NS, Frontend, PROTO_TCP, PROTO_UDP, RevNat, STAT_SOCK_CONNECT, STAT_SOCK_NO_ENDPOINTS,
+    STAT_SOCK_REV_NAT, STAT_SOCK_SENDMSG, SockFlow, SockFlowKey, SockRevNatKey,
 };
 
 use crate::{

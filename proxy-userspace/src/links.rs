@@ -36,10 +36,7 @@ fn name_of(msg: &LinkMessage) -> Option<String> {
 pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
     let (mut conn, handle, mut messages) = rtnetlink::new_connection().context("opening a netlink socket")?;
     // Subscribe before the dump so that no interface created in between is missed.
-    conn.socket_mut()
-        .socket_mut()
-        .bind(&SocketAddr::new(0, RTMGRP_LINK))
-        .context("subscribing to link events")?;
+    conn.socket_mut().socket_mut().bind(&SocketAddr::new(0, RTMGRP_LINK)).context("subscribing to link events")?;
     tokio::spawn(conn);
     let mut dump = handle.link().get().execute();
     while let Some(msg) = dump.try_next().await.context("listing interfaces")? {

@@ -63,13 +63,13 @@ pub fn parse_into(text: &str, origin: &str, objects: &mut Objects) {
         };
         let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
         let (api_version, kind) = (field("apiVersion"), field("kind"));
-        let meta = |name: &str| value.get("metadata").and_then(|m| m.get(name)).and_then(|v| v.as_str()).map(str::to_owned);
-        let object = format!("{}/{}", meta("namespace").unwrap_or_else(|| "default".into()), meta("name").unwrap_or_default());
+        let meta =
+            |name: &str| value.get("metadata").and_then(|m| m.get(name)).and_then(|v| v.as_str()).map(str::to_owned);
+        let object =
+            format!("{}/{}", meta("namespace").unwrap_or_else(|| "default".into()), meta("name").unwrap_or_default());
         let result = match (api_version.as_str(), kind.as_str()) {
             ("v1", "Service") => serde_yaml::from_value(value).map(|s| objects.services.push(s)),
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                serde_yaml::from_value(value).map(|s| objects.slices.push(s))
-            }
+            ("discovery.k8s.io/v1", "EndpointSlice") => serde_yaml::from_value(value).map(|s| objects.slices.push(s)),
             ("v1", "List") => {
                 // `kubectl get -o yaml` output: recurse into the items.
                 if let Some(items) = value.get("items").and_then(|v| v.as_sequence()) {

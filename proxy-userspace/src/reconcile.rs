@@ -130,15 +130,18 @@ impl Reconciler {
         write_changed(t.rev_nat.as_mut(), &mut a.rev_nat, &desired.rev_nat, &mut s).context("writing reverse NAT")?;
         write_changed(t.service_addrs.as_mut(), &mut a.service_addrs, &desired.service_addrs, &mut s)
             .context("writing service addresses")?;
-        write_changed(t.frontends.as_mut(), &mut a.frontends, &desired.frontends, &mut s).context("writing frontends")?;
+        write_changed(t.frontends.as_mut(), &mut a.frontends, &desired.frontends, &mut s)
+            .context("writing frontends")?;
         // Then the reverse: frontends first, so nothing is looked up through an entry being removed.
         delete_unwanted(t.frontends.as_mut(), &mut a.frontends, &desired.frontends, &mut s)
             .context("deleting frontends")?;
         delete_unwanted(t.slots.as_mut(), &mut a.slots, &desired.slots, &mut s).context("deleting backend slots")?;
         delete_unwanted(t.service_addrs.as_mut(), &mut a.service_addrs, &desired.service_addrs, &mut s)
             .context("deleting service addresses")?;
-        delete_unwanted(t.rev_nat.as_mut(), &mut a.rev_nat, &desired.rev_nat, &mut s).context("deleting reverse NAT")?;
-        delete_unwanted(t.backends.as_mut(), &mut a.backends, &desired.backends, &mut s).context("deleting backends")?;
+        delete_unwanted(t.rev_nat.as_mut(), &mut a.rev_nat, &desired.rev_nat, &mut s)
+            .context("deleting reverse NAT")?;
+        delete_unwanted(t.backends.as_mut(), &mut a.backends, &desired.backends, &mut s)
+            .context("deleting backends")?;
         Ok(s)
     }
 }

@@ -90,7 +90,8 @@ const FIRST_SPORT: u16 = 20_000;
 
 /// Builds the test packet: Ethernet + IPv4 + a TCP SYN or a UDP datagram with a small payload.
 pub fn build_packet(proto: TraceProto, src: Ipv4Addr, sport: u16, dst: SocketAddrV4) -> Result<Vec<u8>> {
-    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.octets(), dst.ip().octets(), 64);
+    let builder =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.octets(), dst.ip().octets(), 64);
     let payload: &[u8] = b"trace";
     let mut out = Vec::new();
     match proto {
@@ -155,7 +156,9 @@ impl TraceDatapath {
             .context("BPF_PROG_TEST_RUN")?;
         out.truncate(res.data_size_out as usize);
         let after = self.dp.read_stats()?;
-        let reason = (0..before.len()).find(|&i| after[i] > before[i] && stat_is_drop(i as u32)).and_then(|i| stat_name(i as u32));
+        let reason = (0..before.len())
+            .find(|&i| after[i] > before[i] && stat_is_drop(i as u32))
+            .and_then(|i| stat_name(i as u32));
         let (src_in, dst_in) = endpoints_of(packet)?;
         Ok(match res.return_value {
             TC_ACT_OK => {
@@ -167,7 +170,9 @@ impl TraceDatapath {
                     Outcome { verdict: Verdict::Pass, dst: None, masquerade: false, reason: None }
                 }
             }
-            TC_ACT_SHOT => Outcome { verdict: Verdict::Drop, dst: None, masquerade: false, reason: reason.map(Into::into) },
+            TC_ACT_SHOT => {
+                Outcome { verdict: Verdict::Drop, dst: None, masquerade: false, reason: reason.map(Into::into) }
+            }
             other => bail!("{program} returned unexpected action {other}"),
         })
     }
@@ -210,7 +215,12 @@ impl TraceDatapath {
             .map(|(addr, masquerade)| (addr, TraceBackend { addr: addr.to_string(), masquerade }))
             .collect();
         backends.sort_by_key(|(a, _)| (u32::from(*a.ip()), a.port()));
-        Ok(TraceReport { verdict, backends: backends.into_iter().map(|(_, b)| b).collect(), program: program.into(), reason })
+        Ok(TraceReport {
+            verdict,
+            backends: backends.into_iter().map(|(_, b)| b).collect(),
+            program: program.into(),
+            reason,
+        })
     }
 
     /// The readable explanation: the matching Service port and why its endpoints are (not) eligible.
@@ -229,7 +239,11 @@ impl TraceDatapath {
                 let usable = sp.usable_endpoints();
                 for ep in &sp.endpoints {
                     let why = if usable.contains(&ep) {
-                        if ep.ready { "eligible: ready" } else { "eligible: serving while terminating (no ready endpoint)" }
+                        if ep.ready {
+                            "eligible: ready"
+                        } else {
+                            "eligible: serving while terminating (no ready endpoint)"
+                        }
                     } else if !ep.ready && !ep.serving {
                         "not eligible: not ready"
                     } else {

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{
-    Backend, BackendSlotKey, FRONTEND_F_CLUSTER_IP, Frontend, FrontendKey, PROTO_SCTP, RevNat, ServiceAddr,
-    addr_to_map, port_to_map, BACKEND_STATE_ACTIVE,
+    BACKEND_STATE_ACTIVE, Backend, BackendSlotKey, FRONTEND_F_CLUSTER_IP, Frontend, FrontendKey, PROTO_SCTP, RevNat,
+    ServiceAddr, addr_to_map, port_to_map,
 };
 
 use crate::model::Model;
@@ -92,7 +92,11 @@ pub fn translate(model: &Model, ids: &mut Ids) -> (DesiredMaps, Vec<String>) {
         let endpoints = sp.usable_endpoints();
         let count = u16::try_from(endpoints.len()).unwrap_or(u16::MAX);
         if usize::from(count) < endpoints.len() {
-            notes.push(format!("Service port {}: only the first {count} of {} endpoints are used", sp.name, endpoints.len()));
+            notes.push(format!(
+                "Service port {}: only the first {count} of {} endpoints are used",
+                sp.name,
+                endpoints.len()
+            ));
         }
         for (slot, ep) in endpoints.iter().take(count.into()).enumerate() {
             let backend = Backend {

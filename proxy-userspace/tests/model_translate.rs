@@ -20,7 +20,9 @@ fn objects(yaml: &str) -> Objects {
 }
 
 fn svc(name: &str, ip: &str, ports: &str) -> String {
-    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  clusterIP: {ip}\n  ports: {ports}\n---\n")
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  clusterIP: {ip}\n  ports: {ports}\n---\n"
+    )
 }
 
 fn slice(name: &str, svc: &str, ports: &str, endpoints: &str) -> String {

@@ -11,6 +11,10 @@ pub fn proxy_binary() -> PathBuf {
     let dir = exe.parent().expect("exe dir");
     let dir = if dir.ends_with("deps") { dir.parent().expect("target dir") } else { dir };
     let bin = dir.join("ebpf-proxy");
-    assert!(bin.is_file(), "{} is missing: build it first (`cargo build -p proxy-userspace`, done by `cargo xtask test`)", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo build -p proxy-userspace`, done by `cargo xtask test`)",
+        bin.display()
+    );
     bin
 }

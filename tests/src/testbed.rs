@@ -52,7 +52,10 @@ fn ip(args: &[&str]) -> Result<String> {
 
 /// Fails with a clear message unless the live tests can run here (root, tools installed).
 pub fn require_privileges() -> Result<()> {
-    ensure!(nix::unistd::Uid::effective().is_root(), "live tests need root (they create network namespaces and load BPF programs)");
+    ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "live tests need root (they create network namespaces and load BPF programs)"
+    );
     for tool in ["ip", "nsenter", "nginx", "curl"] {
         ensure!(which(tool), "{tool} is not installed: run scripts/setup.sh");
     }
@@ -65,8 +68,7 @@ pub fn require_privileges() -> Result<()> {
 }
 
 fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         || Path::new("/usr/sbin").join(tool).is_file()
 }
 

@@ -27,8 +27,11 @@ fn node_with_service(backends: usize, mode: LbMode) -> Node {
     }
     node.add_pod("client").expect("client pod");
     let ips: Vec<_> = node.pods[..backends].iter().map(|p| p.ip).collect();
-    node.write_objects("web.yaml", &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice_yaml("web", 80, "TCP", &ips)))
-        .unwrap();
+    node.write_objects(
+        "web.yaml",
+        &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice_yaml("web", 80, "TCP", &ips)),
+    )
+    .unwrap();
     node.start_proxy(&proxy_binary(), mode).expect("proxy");
     node
 }
@@ -186,8 +189,11 @@ fn removing_an_endpoint_keeps_established_connections_to_the_others() {
     // Remove another endpoint.
     let removed = all_backends(3).into_iter().find(|p| *p != kept).unwrap();
     let remaining: Vec<_> = node.pods[..3].iter().filter(|p| p.name != removed).map(|p| p.ip).collect();
-    node.write_objects("web.yaml", &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice_yaml("web", 80, "TCP", &remaining)))
-        .unwrap();
+    node.write_objects(
+        "web.yaml",
+        &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice_yaml("web", 80, "TCP", &remaining)),
+    )
+    .unwrap();
     node.wait_for_syncs(2).unwrap();
     let reached = pods_reached(&node, false, 30);
     assert!(!reached.contains(&removed), "new connections still reach {removed}: {reached:?}");
@@ -207,11 +213,14 @@ fn pod_interfaces_are_attached_as_they_appear() {
     pod.start_nginx().unwrap();
     let late_ip = pod.ip;
     let log_has = |node: &Node, s: &str| node.proxy_log_text().contains(s);
-    tests::testbed::wait_for(Duration::from_secs(5), || log_has(&node, &format!("{}", node.pod("late").host_if)))
+    tests::testbed::wait_for(Duration::from_secs(5), || log_has(&node, &node.pod("late").host_if))
         .expect("proxy attached to the new interface");
     let ips = vec![node.pods[0].ip, late_ip];
-    node.write_objects("web.yaml", &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice_yaml("web", 80, "TCP", &ips)))
-        .unwrap();
+    node.write_objects(
+        "web.yaml",
+        &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice_yaml("web", 80, "TCP", &ips)),
+    )
+    .unwrap();
     node.wait_for_syncs(2).unwrap();
     // Through the tc path alone, replies from the late pod are reverse-translated only if the proxy
     // attached to its interface.

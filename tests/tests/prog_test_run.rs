@@ -15,8 +15,8 @@ use ebpf_proxy::{
     translate::{self, Ids},
 };
 use proxy_common::{
-    CT_DIR_REPLY, CT_DIR_SERVICE, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, CtEntry, CtKey, PROTO_TCP,
-    STAT_CT_NEW, STAT_DROP_FRAGMENT, STAT_DROP_MALFORMED_IPV4, STAT_DROP_MALFORMED_L4, STAT_DROP_NO_ENDPOINTS, STAT_FORWARD_DNAT,
+    CT_DIR_REPLY, CT_DIR_SERVICE, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, CtEntry, CtKey, PROTO_TCP, STAT_CT_NEW,
+    STAT_DROP_FRAGMENT, STAT_DROP_MALFORMED_IPV4, STAT_DROP_MALFORMED_L4, STAT_DROP_NO_ENDPOINTS, STAT_FORWARD_DNAT,
     STAT_PASS_FRAGMENT, STAT_PASS_MALFORMED_L4, STAT_REVERSE_NAT, addr_to_map, port_to_map,
 };
 use tests::packets::{self, IP_OFF, L4_OFF, fix_ip_checksum, inspect};
@@ -27,10 +27,8 @@ const TC_ACT_SHOT: u32 = 2;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 5), 40_000);
-const BACKENDS: [SocketAddrV4; 2] = [
-    SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8080),
-    SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 3), 8080),
-];
+const BACKENDS: [SocketAddrV4; 2] =
+    [SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8080), SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 3), 8080)];
 
 const OBJECTS: &str = r#"
 apiVersion: v1
@@ -251,7 +249,8 @@ fn malformed_ipv4_is_dropped_with_a_reason() {
     // so the truncation cases are the ones a header can express: version, IHL and total length.
     let prog = bed.dp.classifier(PROG_FROM_POD).unwrap();
     let mut out = vec![0u8; 64];
-    let short = prog.test_run(TestRunOptions { data_in: Some(&good[..24]), data_out: Some(&mut out), ..Default::default() });
+    let short =
+        prog.test_run(TestRunOptions { data_in: Some(&good[..24]), data_out: Some(&mut out), ..Default::default() });
     assert!(short.is_err(), "the kernel now accepts truncated IPv4 in test_run: test that case here");
     // Wrong version.
     let mut v = good.clone();

@@ -1,1 +1,145 @@
-fn main() {}
+//! Developer tasks: `cargo xtask <build-ebpf|build|run|demo|test>`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object alone (target/bpfel-unknown-none/release/proxy-ebpf, with BTF).
+    BuildEbpf,
+    /// Build everything (the eBPF object is built and embedded by proxy-userspace's build script).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run `ebpf-proxy` (through sudo when not root): `cargo xtask run -- run --objects …`.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build a sandbox node in network namespaces and show the seed Service load-balanced by ebpf-proxy.
+    Demo,
+    /// Run every test: unit tests, BPF_PROG_TEST_RUN tests and the network-namespace end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe extern "C" {
+        fn geteuid() -> u32;
+    }
+    unsafe { geteuid() == 0 }
+}
+
+/// Runs a built binary as root (sudo -E when needed: it loads BPF programs and creates namespaces).
+fn privileged(bin: &Path, args: &[String]) -> Result<()> {
+    let mut cmd = if is_root() {
+        Command::new(bin)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(bin);
+        c
+    };
+    status(cmd.args(args).current_dir(root()))
+}
+
+fn target_dir(release: bool) -> PathBuf {
+    root().join("target").join(if release { "release" } else { "debug" })
+}
+
+fn build(release: bool, packages: &[&str], bins: bool) -> Result<()> {
+    let mut c = cargo();
+    c.arg("build");
+    for p in packages {
+        c.args(["-p", p]);
+    }
+    if bins {
+        c.arg("--bins");
+    }
+    if release {
+        c.arg("--release");
+    }
+    status(&mut c)
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::BuildEbpf => {
+            // The same flags aya-build uses: build-std for the BPF target (stable toolchain, hence
+            // RUSTC_BOOTSTRAP) and BTF in the object.
+            let mut c = cargo();
+            c.args([
+                "build",
+                "-p",
+                "proxy-ebpf",
+                "--bins",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+            ])
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf");
+            status(&mut c)?;
+            println!("{}", root().join("target/bpfel-unknown-none/release/proxy-ebpf").display());
+            Ok(())
+        }
+        Task::Build { release } => build(release, &[], false),
+        Task::Run { release, args } => {
+            build(release, &["proxy-userspace"], true)?;
+            privileged(&target_dir(release).join("ebpf-proxy"), &args)
+        }
+        Task::Demo => {
+            build(false, &["proxy-userspace", "tests"], true)?;
+            privileged(&target_dir(false).join("demo"), &[])
+        }
+        Task::Test { args } => {
+            // The end-to-end tests start the ebpf-proxy binary: build it first.
+            build(false, &["proxy-userspace", "tests"], true)?;
+            let mut c = cargo();
+            // Live tests build whole nodes in namespaces: one at a time keeps a 2-core machine steady.
+            c.args(["test", "--", "--test-threads=1"]).args(&args);
+            if is_root() {
+                status(&mut c)
+            } else {
+                bail!("the tests load BPF programs and create network namespaces: run `cargo xtask test` as root")
+            }
+        }
+    }
+}

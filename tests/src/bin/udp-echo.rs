@@ -32,7 +32,11 @@ fn main() -> std::io::Result<()> {
             let mut buf = [0u8; 1500];
             for i in 0..count {
                 let msg = format!("request {i}");
-                if connect { sock.send(msg.as_bytes())? } else { sock.send_to(msg.as_bytes(), to)? };
+                if connect {
+                    sock.send(msg.as_bytes())?
+                } else {
+                    sock.send_to(msg.as_bytes(), to)?
+                };
                 let (n, from) = sock.recv_from(&mut buf)?;
                 let peer = if connect { sock.peer_addr()?.to_string() } else { String::from("-") };
                 print!("from={from} peer={peer} {}", String::from_utf8_lossy(&buf[..n]));
