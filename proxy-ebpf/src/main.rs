@@ -21,20 +21,22 @@ use aya_ebpf::{
 /// tc ingress on the host side of every pod-facing interface: packets leaving a local pod.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    match from_pod::try_from_pod(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            stats::count(reason);
-            TC_ACT_SHOT
-        }
-    }
+    tc_action(from_pod::try_from_pod(&ctx))
 }
 
 /// tc ingress on the node's external interfaces: Service traffic arriving from outside, and replies
 /// from backends on other nodes.
 #[classifier]
 pub fn from_netdev(ctx: TcContext) -> i32 {
-    match from_pod::try_from_pod(&ctx) {
+    // Same per-packet load balancing as for pods for now; the two attach points stay separate
+    // programs so NodePort and external-traffic rules can differ without changing the attachments.
+    tc_action(from_pod::try_from_pod(&ctx))
+}
+
+/// A tc program's return value: the action, or a drop counted under its reason.
+#[inline(always)]
+fn tc_action(result: Result<i32, u32>) -> i32 {
+    match result {
         Ok(action) => action,
         Err(reason) => {
             stats::count(reason);

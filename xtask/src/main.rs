@@ -97,6 +97,39 @@ fn build(release: bool, packages: &[&str], bins: bool) -> Result<()> {
     status(&mut c)
 }
 
+/// Runs `cargo test`, echoing its output, and closes with one line totalling every test binary's
+/// result (the last `test result:` line cargo prints is the doc-tests', which says little).
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("running {cmd:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    match (n.parse::<u64>(), what) {
+                        (Ok(n), "passed") => passed += n,
+                        (Ok(n), "failed") => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let st = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !st.success() {
+        bail!("cargo test failed: {st}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => {
@@ -135,11 +168,10 @@ fn main() -> Result<()> {
             let mut c = cargo();
             // Live tests build whole nodes in namespaces: one at a time keeps a 2-core machine steady.
             c.args(["test", "--", "--test-threads=1"]).args(&args);
-            if is_root() {
-                status(&mut c)
-            } else {
-                bail!("the tests load BPF programs and create network namespaces: run `cargo xtask test` as root")
+            if !is_root() {
+                bail!("the tests load BPF programs and create network namespaces: run `cargo xtask test` as root");
             }
+            run_tests(&mut c)
         }
     }
 }
