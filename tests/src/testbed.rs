@@ -283,6 +283,8 @@ pub struct Node {
     pub bpffs: BpffsDir,
     pub objects_dir: PathBuf,
     pub proxy_log: PathBuf,
+    /// Extra arguments for `ebpf-proxy run`.
+    pub proxy_args: Vec<String>,
 }
 
 impl Node {
@@ -302,6 +304,7 @@ impl Node {
             pods: Vec::new(),
             objects_dir: work.join("objects"),
             proxy_log: work.join("proxy.log"),
+            proxy_args: Vec::new(),
             id,
             ns,
             cgroup,
@@ -366,6 +369,7 @@ impl Node {
             .args(["--socket-lb", if mode == LbMode::Socket { "true" } else { "false" }])
             .args(["--pod-interface-name-prefix", &self.pod_if_prefix()])
             .args(["--cluster-cidr", CLUSTER_CIDR, "--node-name", NODE_NAME, "--node-ip", &NODE_IP.to_string()])
+            .args(&self.proxy_args)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)
             .stderr(log);

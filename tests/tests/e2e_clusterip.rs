@@ -228,3 +228,88 @@ fn pod_interfaces_are_attached_as_they_appear() {
     assert!(reached.contains("late"), "{reached:?}");
     node.stop_proxy().unwrap();
 }
+
+#[test]
+fn keep_datapath_leaves_services_working_and_the_next_run_adopts_it() {
+    let mut node = node_with_service(2, LbMode::TcOnly);
+    node.stop_proxy().unwrap();
+    node.proxy_args = vec!["--keep-datapath".into()];
+    node.start_proxy(&proxy_binary(), LbMode::TcOnly).unwrap();
+    node.stop_proxy().unwrap();
+    let links = node.bpffs.path.join("links");
+    let pinned = std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(pinned, 3, "one pinned link per pod interface under {}", links.display());
+    // No process runs, yet the Service works: pinned programs and maps.
+    assert_eq!(pods_reached(&node, false, 20), all_backends(2));
+    // The next run adopts the maps (no entry rewritten) and replaces the pinned links.
+    node.proxy_args.clear();
+    std::fs::write(&node.proxy_log, "").unwrap();
+    node.start_proxy(&proxy_binary(), LbMode::TcOnly).unwrap();
+    let log = node.proxy_log_text();
+    assert!(log.contains("adopting 1 frontends"), "{log}");
+    assert!(log.contains("0 entries written, 0 deleted"), "{log}");
+    assert!(log.contains("released 3 links"), "{log}");
+    assert!(!links.exists());
+    assert_eq!(pods_reached(&node, false, 20), all_backends(2));
+    node.stop_proxy().unwrap();
+    assert!(!node.bpffs.path.exists());
+}
+
+/// Runs `ebpf-proxy trace --json` against the objects of `node`.
+fn trace(node: &Node, src: &str, dst: &str, proto: &str) -> serde_json::Value {
+    let out =
+        run(std::process::Command::new(proxy_binary()).arg("trace").arg("--objects").arg(&node.objects_dir).args([
+            "--node-name",
+            "node-a",
+            "--node-ip",
+            "192.168.50.2",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--proto",
+            proto,
+            "--src",
+            src,
+            "--dst",
+            dst,
+            "--json",
+        ]))
+        .expect("trace");
+    assert_eq!(out.lines().count(), 1, "exactly one JSON object: {out}");
+    serde_json::from_str(&out).expect("JSON")
+}
+
+#[test]
+fn trace_reports_every_backend_passes_other_traffic_and_names_drop_reasons() {
+    let node = Node::new(0).unwrap();
+    let eps = [Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3), Ipv4Addr::new(10, 244, 1, 4)];
+    node.write_objects(
+        "objs.yaml",
+        &[
+            service_yaml("web", VIP, 80, "TCP"),
+            slice_yaml("web", 8080, "TCP", &eps),
+            service_yaml("dns", UDP_VIP, 53, "UDP"),
+            slice_yaml("dns", 5353, "UDP", &eps[..1]),
+            service_yaml("empty", Ipv4Addr::new(10, 96, 0, 99), 80, "TCP"),
+        ]
+        .join("---\n"),
+    )
+    .unwrap();
+    let t = trace(&node, "10.244.1.9", "10.96.0.10:80", "tcp");
+    assert_eq!(
+        t,
+        serde_json::json!({"verdict": "forward", "program": "from_pod", "reason": null, "backends": [
+            {"addr": "10.244.1.2:8080", "masquerade": false},
+            {"addr": "10.244.1.3:8080", "masquerade": false},
+            {"addr": "10.244.1.4:8080", "masquerade": false}]})
+    );
+    let t = trace(&node, "10.244.1.9", "10.96.0.53:53", "udp");
+    assert_eq!(t["backends"], serde_json::json!([{"addr": "10.244.1.2:5353", "masquerade": false}]));
+    let t = trace(&node, "203.0.113.2", "10.96.0.10:80", "tcp");
+    assert_eq!((t["verdict"].as_str(), t["program"].as_str()), (Some("forward"), Some("from_netdev")));
+    for (dst, proto) in [("10.244.1.2:8080", "tcp"), ("10.96.0.10:81", "tcp"), ("10.96.0.10:80", "udp")] {
+        let t = trace(&node, "10.244.1.9", dst, proto);
+        assert_eq!(t, serde_json::json!({"verdict": "pass", "backends": [], "program": "from_pod", "reason": null}));
+    }
+    let t = trace(&node, "10.244.1.9", "10.96.0.99:80", "tcp");
+    assert_eq!((t["verdict"].as_str(), t["reason"].as_str()), (Some("drop"), Some("drop_no_endpoints")));
+}
