@@ -24,16 +24,23 @@ pub struct DesiredMaps {
 pub type BackendKey = (u32, u16, u8);
 
 /// Stable IDs for frontends (`service_id`) and backends. An ID is kept while its object exists and
-/// freed when it is gone; the lowest free ID is reused. 0 is never handed out.
+/// freed when it is gone; new IDs come after the highest in use (see [`next_id`]). 0 is never handed out.
 #[derive(Clone, Debug, Default)]
 pub struct Ids {
     frontends: BTreeMap<FrontendKey, u32>,
     backends: BTreeMap<BackendKey, u32>,
 }
 
-fn lowest_free<'a>(used: impl Iterator<Item = &'a u32>) -> u32 {
-    let used: BTreeSet<u32> = used.copied().collect();
-    (1..).find(|id| !used.contains(id)).expect("u32 IDs exhausted")
+/// The first ID to hand out: one past the highest in use, or the lowest free one once that would
+/// overflow.
+fn next_id<'a>(used: impl Iterator<Item = &'a u32> + Clone) -> u32 {
+    match used.clone().max().map_or(Some(1), |m| m.checked_add(1)) {
+        Some(id) => id,
+        None => {
+            let used: BTreeSet<u32> = used.copied().collect();
+            (1..).find(|id| !used.contains(id)).expect("u32 IDs exhausted")
+        }
+    }
 }
 
 impl Ids {
@@ -71,14 +78,8 @@ pub fn translate(model: &Model, ids: &mut Ids) -> (DesiredMaps, Vec<String>) {
     let mut wanted_backends = BTreeSet::new();
     // New IDs come after the highest one in use: freed IDs are not reused at once, so an ID seen in a
     // conntrack entry or a log line keeps meaning one thing for as long as possible.
-    let mut next_service = ids.frontends.values().max().map_or(1, |m| m + 1);
-    let mut next_backend = ids.backends.values().max().map_or(1, |m| m + 1);
-    if next_service == u32::MAX {
-        next_service = lowest_free(ids.frontends.values());
-    }
-    if next_backend == u32::MAX {
-        next_backend = lowest_free(ids.backends.values());
-    }
+    let mut next_service = next_id(ids.frontends.values());
+    let mut next_backend = next_id(ids.backends.values());
 
     for sp in model.ports.values() {
         let proto = sp.name.protocol.number();
