@@ -44,8 +44,17 @@ pub struct CtEntry {
     pub tcp_flags: u8,
     /// `CT_STATE_*`.
     pub state: u8,
+    /// With `CT_F_SNAT`: for `CT_DIR_SERVICE` the source the packet is rewritten to (node address and
+    /// allocated port); for `CT_DIR_REPLY` the client address the reply's destination is restored to.
+    pub snat_addr: u32,
+    pub snat_port: u16,
+    /// `CT_F_*` bits.
+    pub flags: u16,
 }
-assert_size!(CtEntry, 32);
+assert_size!(CtEntry, 40);
+
+/// The connection's source is translated too (masquerade, hairpin).
+pub const CT_F_SNAT: u16 = 1 << 0;
 
 /// TCP: SYN seen, no answer yet.
 pub const CT_STATE_SYN_SENT: u8 = 1;

@@ -23,20 +23,46 @@ pub struct FrontendKey {
 assert_size!(FrontendKey, 8);
 
 /// Value of `FRONTENDS`.
+///
+/// A frontend has two backend sets, as kube-proxy's `CategorizeEndpoints` computes them: the
+/// cluster-wide set (slots `0..backend_count`) and the set of endpoints on this node (slots
+/// `LOCAL_SLOT_BASE..LOCAL_SLOT_BASE + local_count`). The flags say which set which traffic uses.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Frontend {
     /// Identifies this frontend: key of its slots in `BACKEND_SLOTS` and of its entry in `REV_NAT`.
     pub service_id: u32,
-    /// Number of usable backends, in slots `0..backend_count`. Zero means the Service has no endpoints.
+    /// Number of backends in the cluster-wide set.
     pub backend_count: u16,
+    /// Number of backends in the local set.
+    pub local_count: u16,
     /// `FRONTEND_F_*` bits.
     pub flags: u16,
+    pub _pad: u16,
+    /// sessionAffinity ClientIP timeout in seconds (with `FRONTEND_F_AFFINITY`).
+    pub affinity_timeout_s: u32,
 }
-assert_size!(Frontend, 8);
+assert_size!(Frontend, 16);
 
-/// The frontend is a ClusterIP.
+/// The frontend is a ClusterIP (wrong ports on its address are rejected).
 pub const FRONTEND_F_CLUSTER_IP: u16 = 1 << 0;
+/// NodePort, LoadBalancer ingress IP or externalIP: externalTrafficPolicy applies.
+pub const FRONTEND_F_EXTERNAL: u16 = 1 << 1;
+/// The frontend is a NodePort on a node address.
+pub const FRONTEND_F_NODE_PORT: u16 = 1 << 2;
+/// externalTrafficPolicy: Local — traffic from outside uses the local set and keeps its source.
+pub const FRONTEND_F_ETP_LOCAL: u16 = 1 << 3;
+/// internalTrafficPolicy: Local — ClusterIP traffic uses the local set.
+pub const FRONTEND_F_ITP_LOCAL: u16 = 1 << 4;
+/// sessionAffinity: ClientIP.
+pub const FRONTEND_F_AFFINITY: u16 = 1 << 5;
+/// loadBalancerSourceRanges: only sources in `SOURCE_RANGES` for this `service_id` may use it.
+pub const FRONTEND_F_SOURCE_RANGES: u16 = 1 << 6;
+/// The Service port has usable endpoints somewhere in the cluster; without, traffic is rejected.
+pub const FRONTEND_F_HAS_ENDPOINTS: u16 = 1 << 7;
+
+/// First slot of a frontend's local backend set.
+pub const LOCAL_SLOT_BASE: u32 = 1 << 31;
 
 /// Key of `BACKEND_SLOTS`.
 #[repr(C)]
@@ -57,13 +83,13 @@ pub struct Backend {
     /// Endpoint (target) port, network byte order.
     pub port: u16,
     pub proto: u8,
-    /// `BACKEND_STATE_*`.
-    pub state: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
 }
 assert_size!(Backend, 8);
 
-/// The endpoint is ready and takes new connections.
-pub const BACKEND_STATE_ACTIVE: u8 = 0;
+/// The endpoint runs on this node (replies come back through its pod interface).
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
 
 /// Value of `REV_NAT` (the key is the frontend's `service_id`): the address replies must appear to come from.
 #[repr(C)]
@@ -82,9 +108,56 @@ assert_size!(RevNat, 8);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceAddr {
     /// Number of frontends on this address.
-    pub frontends: u32,
+    pub frontends: u16,
+    /// `SERVICE_ADDR_F_*` bits.
+    pub flags: u16,
 }
 assert_size!(ServiceAddr, 4);
+
+/// The address is a ClusterIP: traffic to a port no Service has there is rejected.
+pub const SERVICE_ADDR_F_CLUSTER_IP: u16 = 1 << 0;
+
+/// Data of a `SOURCE_RANGES` key (an LPM trie; the prefix length is 32 + the range's prefix length, so
+/// a lookup with prefix length 64 finds a range of this frontend that contains the address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    /// The frontend's `service_id`, big-endian so its bytes come first in prefix order.
+    pub service_id_be: u32,
+    /// Range address, network byte order.
+    pub addr: u32,
+}
+assert_size!(SourceRangeKey, 8);
+
+/// Prefix length of a `SOURCE_RANGES` key that covers exactly the `service_id`.
+pub const SOURCE_RANGE_ID_BITS: u32 = 32;
+
+/// Key of `AFFINITY`: a client of one frontend. The tc path knows the client by its address; the socket
+/// path, at connect() time, only by its network namespace (`AFFINITY_CLIENT_NETNS` | netns cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    /// Client address (network byte order, zero-extended) or tagged netns cookie.
+    pub client: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+assert_size!(AffinityKey, 16);
+
+/// Tag of `AffinityKey::client` values that are network namespace cookies.
+pub const AFFINITY_CLIENT_NETNS: u64 = 1 << 63;
+
+/// Value of `AFFINITY`: the backend a client sticks to. The slot is kept so the datapath can check in
+/// one lookup that the backend is still in the set the packet uses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Affinity {
+    /// `bpf_ktime_get_ns()` of the last new connection that used it.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub slot: u32,
+}
+assert_size!(Affinity, 16);
 
 /// Map capacities. Sized for 30,000 Services with 10 endpoints each and room to spare; the hash maps
 /// are created without preallocation so an idle node pays only for what it holds.
@@ -92,3 +165,5 @@ pub const MAX_FRONTENDS: u32 = 131_072;
 pub const MAX_BACKEND_SLOTS: u32 = 1_048_576;
 pub const MAX_BACKENDS: u32 = 524_288;
 pub const MAX_SERVICE_ADDRS: u32 = 131_072;
+pub const MAX_SOURCE_RANGES: u32 = 65_536;
+pub const MAX_AFFINITY: u32 = 262_144;

@@ -11,11 +11,13 @@
 
 pub mod conntrack;
 pub mod lb;
+pub mod node;
 pub mod sock;
 pub mod stats;
 
 pub use conntrack::*;
 pub use lb::*;
+pub use node::*;
 pub use sock::*;
 pub use stats::*;
 
@@ -67,6 +69,11 @@ pod!(
     lb::Backend,
     lb::RevNat,
     lb::ServiceAddr,
+    lb::SourceRangeKey,
+    lb::AffinityKey,
+    lb::Affinity,
+    node::NodeConfig,
+    node::NodeAddr,
     conntrack::CtKey,
     conntrack::CtEntry,
     sock::SockRevNatKey,

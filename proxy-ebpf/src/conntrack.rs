@@ -72,11 +72,31 @@ pub fn lookup_refresh(key: &CtKey, pkt: &Packet, now: u64) -> Option<CtEntry> {
 }
 
 /// Where one direction of a connection is rewritten to.
+#[derive(Clone, Copy)]
 pub struct Translation {
     pub nat_addr: u32,
     pub nat_port: u16,
     pub backend_id: u32,
     pub service_id: u32,
+    /// With `CT_F_SNAT` in `flags`: the other end's rewrite (see `CtEntry`).
+    pub snat_addr: u32,
+    pub snat_port: u16,
+    pub flags: u16,
+}
+
+impl Translation {
+    #[inline(always)]
+    pub fn of(entry: &CtEntry) -> Self {
+        Self {
+            nat_addr: entry.nat_addr,
+            nat_port: entry.nat_port,
+            backend_id: entry.backend_id,
+            service_id: entry.service_id,
+            snat_addr: entry.snat_addr,
+            snat_port: entry.snat_port,
+            flags: entry.flags,
+        }
+    }
 }
 
 /// The state a new connection starts in, from its first packet.
@@ -97,6 +117,9 @@ pub fn create(key: &CtKey, now: u64, state: u8, tcp_flags: u8, t: &Translation) 
         nat_port: t.nat_port,
         tcp_flags,
         state,
+        snat_addr: t.snat_addr,
+        snat_port: t.snat_port,
+        flags: t.flags,
     };
     CONNTRACK.insert(key, &entry, BPF_ANY as u64).map_err(|_| STAT_DROP_CT_FULL)
 }
@@ -105,4 +128,13 @@ pub fn create(key: &CtKey, now: u64, state: u8, tcp_flags: u8, t: &Translation) 
 #[inline(always)]
 pub fn exists(key: &CtKey) -> bool {
     CONNTRACK.get_ptr(key).is_some()
+}
+
+/// Whether a live entry holds `key` (an SNAT port is taken).
+#[inline(always)]
+pub fn in_use(key: &CtKey, now: u64) -> bool {
+    match CONNTRACK.get_ptr(key) {
+        Some(e) => ct_alive(unsafe { &*e }, key.proto, now),
+        None => false,
+    }
 }

@@ -4,11 +4,15 @@
 #![no_main]
 
 mod conntrack;
-mod from_pod;
 mod lb;
 mod maps;
 mod nat;
+mod node;
 mod packet;
+mod reject;
+mod sctp;
+mod service;
+mod snat;
 mod sock;
 mod stats;
 
@@ -21,16 +25,14 @@ use aya_ebpf::{
 /// tc ingress on the host side of every pod-facing interface: packets leaving a local pod.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    tc_action(from_pod::try_from_pod(&ctx))
+    tc_action(service::try_handle(&ctx, service::Side::Pod))
 }
 
 /// tc ingress on the node's external interfaces: Service traffic arriving from outside, and replies
 /// from backends on other nodes.
 #[classifier]
 pub fn from_netdev(ctx: TcContext) -> i32 {
-    // Same per-packet load balancing as for pods for now; the two attach points stay separate
-    // programs so NodePort and external-traffic rules can differ without changing the attachments.
-    tc_action(from_pod::try_from_pod(&ctx))
+    tc_action(service::try_handle(&ctx, service::Side::Netdev))
 }
 
 /// A tc program's return value: the action, or a drop counted under its reason.

@@ -3,13 +3,14 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    Backend, BackendSlotKey, CtEntry, CtKey, Frontend, FrontendKey, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK,
-    MAX_FRONTENDS, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, RevNat, STAT_MAX, ServiceAddr, SockFlow, SockFlowKey,
-    SockRevNatKey,
+    Affinity, AffinityKey, Backend, BackendSlotKey, CtEntry, CtKey, Frontend, FrontendKey, MAX_AFFINITY,
+    MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_NODE_ADDRS, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES,
+    MAX_SOURCE_RANGES, NodeAddr, NodeConfig, RevNat, STAT_MAX, ServiceAddr, SockFlow, SockFlowKey, SockRevNatKey,
+    SourceRangeKey,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -28,6 +29,18 @@ pub static REV_NAT: HashMap<u32, RevNat, { MAX_FRONTENDS as usize }, NO_PREALLOC
 
 #[btf_map]
 pub static SERVICE_ADDRS: HashMap<u32, ServiceAddr, { MAX_SERVICE_ADDRS as usize }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+#[btf_map]
+pub static NODE_ADDRS: HashMap<u32, NodeAddr, { MAX_NODE_ADDRS as usize }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITY as usize }> = LruHashMap::new();
 
 #[btf_map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = LruHashMap::new();

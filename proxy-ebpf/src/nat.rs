@@ -4,7 +4,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use proxy_common::{PROTO_UDP, STAT_DROP_REWRITE};
+use proxy_common::{PROTO_SCTP, PROTO_UDP, STAT_DROP_REWRITE};
 
 use crate::packet::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet};
 
@@ -39,6 +39,9 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, end: End, addr: u32, port: u16) ->
     }
     if old_port != port {
         ctx.store(port_off, &port, 0).map_err(|_| STAT_DROP_REWRITE)?;
+        if pkt.proto == PROTO_SCTP {
+            crate::sctp::update_checksum(ctx, pkt)?;
+        }
     }
     Ok(())
 }

@@ -6,12 +6,13 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, bpf_sock_addr},
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockAddrContext,
 };
 use proxy_common::{
-    Backend, CT_LIFETIME_OTHER_NS, Frontend, PROTO_TCP, PROTO_UDP, RevNat, STAT_SOCK_CONNECT, STAT_SOCK_NO_ENDPOINTS,
-    STAT_SOCK_REV_NAT, STAT_SOCK_SENDMSG, SockFlow, SockFlowKey, SockRevNatKey,
+    Backend, CT_LIFETIME_OTHER_NS, FRONTEND_F_HAS_ENDPOINTS, FRONTEND_F_SOURCE_RANGES, Frontend, PROTO_TCP, PROTO_UDP,
+    RevNat, STAT_SOCK_CONNECT, STAT_SOCK_NO_ENDPOINTS, STAT_SOCK_REJECT, STAT_SOCK_REV_NAT, STAT_SOCK_SENDMSG,
+    SockFlow, SockFlowKey, SockRevNatKey,
 };
 
 use crate::{
@@ -21,6 +22,51 @@ use crate::{
 };
 
 const ALLOW: i32 = 1;
+/// The call fails with EPERM at once (kube-proxy's REJECT, seen from the socket).
+const REFUSE: i32 = 0;
+
+/// What the socket path does with a call to a Service frontend.
+enum Choice {
+    Backend(u32, Backend),
+    /// No endpoints anywhere: refuse the call.
+    Refuse,
+    /// Leave the address alone; the tc path sees the packets and applies the policy that needs the
+    /// packet's source (source ranges) or drops them (Local policy without local endpoints).
+    Untranslated,
+}
+
+/// Chooses a backend for a call from this node (a pod or the node itself: the cluster-wide set unless
+/// internalTrafficPolicy is Local; externalTrafficPolicy Local short-circuits for local clients).
+#[inline(always)]
+fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Choice {
+    if fe.flags & FRONTEND_F_HAS_ENDPOINTS == 0 {
+        return Choice::Refuse;
+    }
+    if fe.flags & FRONTEND_F_SOURCE_RANGES != 0 {
+        return Choice::Untranslated;
+    }
+    let set = lb::backend_set(fe, false);
+    if set.count == 0 {
+        return Choice::Untranslated;
+    }
+    let client = lb::client_netns(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) });
+    match lb::select_backend(fe, set, client, unsafe { bpf_ktime_get_ns() }) {
+        Ok((id, be)) => Choice::Backend(id, be),
+        Err(_) => Choice::Untranslated,
+    }
+}
+
+/// Counts a call left to the tc path or refused, and returns the program's answer.
+#[inline(always)]
+fn not_translated(choice: &Choice) -> i32 {
+    if let Choice::Refuse = choice {
+        stats::count(STAT_SOCK_REJECT);
+        REFUSE
+    } else {
+        stats::count(STAT_SOCK_NO_ENDPOINTS);
+        ALLOW
+    }
+}
 
 /// The destination of the call, if it is a TCP or UDP Service frontend.
 #[inline(always)]
@@ -60,10 +106,9 @@ pub fn connect(ctx: &SockAddrContext) -> i32 {
     let Some((addr, port, proto, fe)) = service_destination(sa) else {
         return ALLOW;
     };
-    let Ok((_, be)) = lb::select_backend(&fe) else {
-        // Left untranslated; the tc path sees the packets and accounts for them.
-        stats::count(STAT_SOCK_NO_ENDPOINTS);
-        return ALLOW;
+    let be = match choose(ctx, &fe) {
+        Choice::Backend(_, be) => be,
+        other => return not_translated(&other),
     };
     if proto == PROTO_UDP {
         record_rev_nat(cookie(ctx), &be, addr, port);
@@ -95,9 +140,9 @@ pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
     let be = match pinned {
         Some(be) => be,
         None => {
-            let Ok((backend_id, be)) = lb::select_backend(&fe) else {
-                stats::count(STAT_SOCK_NO_ENDPOINTS);
-                return ALLOW;
+            let (backend_id, be) = match choose(ctx, &fe) {
+                Choice::Backend(id, be) => (id, be),
+                other => return not_translated(&other),
             };
             let flow = SockFlow { last_seen_ns: now, backend_id, service_id: fe.service_id };
             let _ = SOCK_FLOWS.insert(&flow_key, &flow, BPF_ANY as u64);

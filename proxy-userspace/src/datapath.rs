@@ -10,7 +10,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{
+        Array, HashMap, Map, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
         cgroup_sock_addr::CgroupSockAddrLinkId,
@@ -18,9 +21,12 @@ use aya::{
         tc::SchedClassifierLinkId,
     },
 };
-use proxy_common::STAT_MAX;
+use proxy_common::{NODE_F_CONFIGURED, NodeConfig, STAT_MAX, SourceRangeKey};
 
-use crate::reconcile::{Table, Tables};
+use crate::{
+    reconcile::{Table, Tables},
+    translate::SourceRange,
+};
 
 /// The eBPF object, built by build.rs and embedded so the binary is all a node needs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -30,12 +36,16 @@ pub const PROG_FROM_POD: &str = "from_pod";
 pub const PROG_FROM_NETDEV: &str = "from_netdev";
 pub const TC_PROGRAMS: [&str; 2] = [PROG_FROM_POD, PROG_FROM_NETDEV];
 pub const SOCK_PROGRAMS: [&str; 4] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];
-pub const MAP_NAMES: [&str; 9] = [
+pub const MAP_NAMES: [&str; 13] = [
     "FRONTENDS",
     "BACKEND_SLOTS",
     "BACKENDS",
     "REV_NAT",
     "SERVICE_ADDRS",
+    "SOURCE_RANGES",
+    "NODE_CONFIG",
+    "NODE_ADDRS",
+    "AFFINITY",
     "CONNTRACK",
     "SOCK_REV_NAT",
     "SOCK_FLOWS",
@@ -75,6 +85,35 @@ impl<K: Pod + Ord, V: Pod> Table<K, V> for HashMap<MapData, K, V> {
     }
 }
 
+impl Table<SourceRange, u32> for LpmTrie<MapData, SourceRangeKey, u32> {
+    fn put(&mut self, key: &SourceRange, value: &u32) -> Result<()> {
+        self.insert(&Key::new(key.0, key.1), value, 0).map_err(Into::into)
+    }
+    fn del(&mut self, key: &SourceRange) -> Result<()> {
+        match self.remove(&Key::new(key.0, key.1)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn entries(&self) -> Result<BTreeMap<SourceRange, u32>> {
+        self.iter().map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)).map_err(Into::into)).collect()
+    }
+}
+
+/// The one-entry configuration array: "deleting" zeroes it, which the programs read as unconfigured.
+impl Table<u32, NodeConfig> for Array<MapData, NodeConfig> {
+    fn put(&mut self, key: &u32, value: &NodeConfig) -> Result<()> {
+        self.set(*key, value, 0).map_err(Into::into)
+    }
+    fn del(&mut self, key: &u32) -> Result<()> {
+        self.set(*key, &NodeConfig::default(), 0).map_err(Into::into)
+    }
+    fn entries(&self) -> Result<BTreeMap<u32, NodeConfig>> {
+        let c = self.get(&0, 0)?;
+        Ok(if c.flags & NODE_F_CONFIGURED != 0 { BTreeMap::from([(0, c)]) } else { BTreeMap::new() })
+    }
+}
+
 impl Datapath {
     /// Loads the object and its programs into the kernel (verifying them), without attaching.
     pub fn load(mode: MapMode<'_>) -> Result<Self> {
@@ -90,7 +129,9 @@ impl Datapath {
             }
             MapMode::Private => {
                 // Enough for any trace; keeps creating the maps cheap.
-                for (name, size) in [("CONNTRACK", 65_536), ("SOCK_REV_NAT", 1024), ("SOCK_FLOWS", 1024)] {
+                for (name, size) in
+                    [("CONNTRACK", 65_536), ("AFFINITY", 1024), ("SOCK_REV_NAT", 1024), ("SOCK_FLOWS", 1024)]
+                {
                     loader.map_max_entries(name, size);
                 }
             }
@@ -115,10 +156,13 @@ impl Datapath {
             backends: Box::new(HashMap::try_from(self.take_map("BACKENDS")?)?),
             rev_nat: Box::new(HashMap::try_from(self.take_map("REV_NAT")?)?),
             service_addrs: Box::new(HashMap::try_from(self.take_map("SERVICE_ADDRS")?)?),
+            source_ranges: Box::new(LpmTrie::try_from(self.take_map("SOURCE_RANGES")?)?),
+            node_config: Box::new(Array::try_from(self.take_map("NODE_CONFIG")?)?),
+            node_addrs: Box::new(HashMap::try_from(self.take_map("NODE_ADDRS")?)?),
         })
     }
 
-    fn take_map(&mut self, name: &str) -> Result<Map> {
+    pub fn take_map(&mut self, name: &str) -> Result<Map> {
         self.ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing (or already taken)"))
     }
 

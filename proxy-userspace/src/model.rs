@@ -12,6 +12,7 @@ use std::{
     net::Ipv4Addr,
 };
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
@@ -21,6 +22,10 @@ use crate::objects::Objects;
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Label joining an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Node label with the node's zone (topology hints).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// kube-proxy's default sessionAffinity ClientIP timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -96,6 +101,15 @@ pub struct Endpoint {
     pub terminating: bool,
     pub node_name: Option<String>,
     pub zone: Option<String>,
+    /// Topology hints: zones and nodes this endpoint is meant for.
+    pub zone_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<String>,
+}
+
+impl Endpoint {
+    pub fn is_local(&self, node_name: &str) -> bool {
+        self.node_name.as_deref() == Some(node_name)
+    }
 }
 
 /// One Service port with everything the datapath needs.
@@ -104,19 +118,110 @@ pub struct ServicePort {
     pub name: ServicePortName,
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
+    /// `nodePort` (type NodePort and LoadBalancer).
+    pub node_port: Option<u16>,
+    /// What the Service says about its other addresses and its traffic (shared by its ports).
+    pub policy: ServicePolicy,
     /// All endpoints of the port, sorted, as the slices list them (before choosing which to use).
     pub endpoints: Vec<Endpoint>,
 }
 
+/// The Service-wide fields of a Service port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePolicy {
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`, except those with `ipMode: Proxy` (type LoadBalancer).
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub source_ranges: Vec<Ipv4Net>,
+    /// externalTrafficPolicy Local (only set when the Service is externally accessible, as kube-proxy).
+    pub external_policy_local: bool,
+    pub internal_policy_local: bool,
+    /// sessionAffinity ClientIP timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    /// healthCheckNodePort (type LoadBalancer with externalTrafficPolicy Local).
+    pub health_check_node_port: Option<u16>,
+}
+
+/// The endpoints a Service port uses on one node (kube-proxy's `CategorizeEndpoints`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Categorized<'a> {
+    /// Cluster-wide traffic: ready endpoints (filtered by topology when it applies), else serving
+    /// and terminating ones.
+    pub cluster: Vec<&'a Endpoint>,
+    /// Local-policy traffic: this node's ready endpoints, else its serving and terminating ones.
+    pub local: Vec<&'a Endpoint>,
+    /// Whether the port has usable endpoints anywhere; without, traffic is rejected.
+    pub has_any: bool,
+    /// The topology mode applied to the cluster-wide set, if any.
+    pub topology: Option<&'static str>,
+}
+
 impl ServicePort {
-    /// The endpoints that take new connections, as kube-proxy's `CategorizeEndpoints` picks them for
-    /// cluster-wide traffic: the ready ones, or if none is ready, those still serving while terminating.
-    pub fn usable_endpoints(&self) -> Vec<&Endpoint> {
-        let ready: Vec<_> = self.endpoints.iter().filter(|e| e.ready).collect();
-        if !ready.is_empty() {
-            return ready;
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port.is_some() || !self.policy.external_ips.is_empty() || !self.policy.load_balancer_ips.is_empty()
+    }
+
+    /// The cluster-wide set is needed (eTP Local still needs it: pods and the node short-circuit to it).
+    pub fn uses_cluster_endpoints(&self) -> bool {
+        !self.policy.internal_policy_local || self.externally_accessible()
+    }
+
+    pub fn uses_local_endpoints(&self) -> bool {
+        self.policy.internal_policy_local || (self.policy.external_policy_local && self.externally_accessible())
+    }
+
+    /// Splits the endpoints into the cluster-wide and the local set, as kube-proxy does.
+    pub fn categorize(&self, node_name: &str, zone: Option<&str>) -> Categorized<'_> {
+        let mut c = Categorized::default();
+        if self.uses_cluster_endpoints() {
+            c.topology = topology_mode(&self.endpoints, node_name, zone);
+            c.cluster = self
+                .endpoints
+                .iter()
+                .filter(|e| e.ready && available_for_topology(e, c.topology, node_name, zone))
+                .collect();
+            if c.cluster.is_empty() {
+                c.cluster = self.endpoints.iter().filter(|e| e.serving && e.terminating).collect();
+            }
+            c.has_any = !c.cluster.is_empty();
         }
-        self.endpoints.iter().filter(|e| e.serving && e.terminating).collect()
+        if !self.uses_local_endpoints() {
+            return c;
+        }
+        let usable = |e: &&Endpoint| e.ready || (e.serving && e.terminating);
+        c.has_any |= self.endpoints.iter().any(|e| usable(&e));
+        let local = |e: &&Endpoint| e.is_local(node_name);
+        c.local = self.endpoints.iter().filter(local).filter(|e| e.ready).collect();
+        if c.local.is_empty() {
+            c.local = self.endpoints.iter().filter(local).filter(|e| e.serving && e.terminating).collect();
+        }
+        c
+    }
+}
+
+/// kube-proxy's `topologyModeFromHints`: PreferSameNode when every ready endpoint has node hints and
+/// one is for this node; else PreferSameZone when every ready endpoint has zone hints and one is for
+/// this zone; else none.
+fn topology_mode(endpoints: &[Endpoint], node_name: &str, zone: Option<&str>) -> Option<&'static str> {
+    let ready: Vec<_> = endpoints.iter().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        return None;
+    }
+    if ready.iter().all(|e| !e.node_hints.is_empty()) && ready.iter().any(|e| e.node_hints.contains(node_name)) {
+        return Some("PreferSameNode");
+    }
+    let zone = zone?;
+    if ready.iter().all(|e| !e.zone_hints.is_empty()) && ready.iter().any(|e| e.zone_hints.contains(zone)) {
+        return Some("PreferSameZone");
+    }
+    None
+}
+
+fn available_for_topology(e: &Endpoint, mode: Option<&str>, node_name: &str, zone: Option<&str>) -> bool {
+    match mode {
+        Some("PreferSameNode") => e.node_hints.contains(node_name),
+        Some("PreferSameZone") => zone.is_some_and(|z| e.zone_hints.contains(z)),
+        _ => true,
     }
 }
 
@@ -124,6 +229,8 @@ impl ServicePort {
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     pub ports: BTreeMap<ServicePortName, ServicePort>,
+    /// Zones of the nodes listed in the objects (`topology.kubernetes.io/zone`), by node name.
+    pub node_zones: BTreeMap<String, String>,
     /// One line per skipped object or field.
     pub errors: Vec<String>,
 }
@@ -142,6 +249,13 @@ fn meta_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
 /// Builds the model from the objects.
 pub fn build(objects: &Objects, opts: &ModelOptions) -> Model {
     let mut model = Model { errors: objects.errors.clone(), ..Default::default() };
+    for node in &objects.nodes {
+        if let (Some(name), Some(zone)) =
+            (&node.metadata.name, node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)))
+        {
+            model.node_zones.insert(name.clone(), zone.clone());
+        }
+    }
     // Service ports by (namespace, name) → [(port name, protocol, service port)].
     let mut by_service: BTreeMap<(String, String), Vec<ServicePort>> = BTreeMap::new();
     for svc in &objects.services {
@@ -216,6 +330,8 @@ fn service_ports(svc: &Service, opts: &ModelOptions) -> Result<Vec<ServicePort>,
         Ok(std::net::IpAddr::V6(_)) => return Err(format!("clusterIP {cluster_ip} is IPv6; this proxy is IPv4-only")),
         Err(_) => return Err(format!("clusterIP {cluster_ip:?} is not an IP address")),
     };
+    let shared = service_wide(svc, spec)?;
+    let has_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     for p in spec.ports.iter().flatten() {
@@ -229,10 +345,18 @@ fn service_ports(svc: &Service, opts: &ModelOptions) -> Result<Vec<ServicePort>,
         if !seen.insert((port, protocol)) {
             return Err(format!("port {port}/{protocol} is listed twice"));
         }
+        let node_port = match p.node_port {
+            Some(np) if has_node_ports && np != 0 => {
+                Some(u16::try_from(np).map_err(|_| format!("nodePort {np} is out of range"))?)
+            }
+            _ => None,
+        };
         out.push(ServicePort {
             name: ServicePortName { namespace: namespace.clone(), name: name.clone(), port: port_name, protocol },
             cluster_ip,
             port,
+            node_port,
+            policy: shared.clone(),
             endpoints: Vec::new(),
         });
     }
@@ -243,6 +367,71 @@ fn service_ports(svc: &Service, opts: &ModelOptions) -> Result<Vec<ServicePort>,
         }
     }
     Ok(out)
+}
+
+/// Parses a list of IPv4 addresses; IPv6 ones belong to the other family and are left out, anything
+/// else is an error.
+fn ipv4_list<'a>(what: &str, list: impl Iterator<Item = &'a str>) -> Result<Vec<Ipv4Addr>, String> {
+    let mut out = Vec::new();
+    for ip in list {
+        match ip.trim().parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => out.push(v4),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => return Err(format!("{what} {ip:?} is not an IP address")),
+        }
+    }
+    Ok(out)
+}
+
+/// The Service-wide fields every port shares.
+fn service_wide(svc: &Service, spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<ServicePolicy, String> {
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let is_lb = ty == "LoadBalancer";
+    let external_ips = ipv4_list("externalIP", spec.external_ips.iter().flatten().map(String::as_str))?;
+    let load_balancer_ips = if is_lb {
+        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        let ips = ingress
+            .into_iter()
+            .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip.as_deref());
+        ipv4_list("load balancer ingress IP", ips)?
+    } else {
+        Vec::new()
+    };
+    let mut source_ranges = Vec::new();
+    if is_lb {
+        for r in spec.load_balancer_source_ranges.iter().flatten() {
+            match r.trim().parse::<ipnet::IpNet>() {
+                Ok(ipnet::IpNet::V4(net)) => source_ranges.push(net.trunc()),
+                Ok(ipnet::IpNet::V6(_)) => {}
+                Err(_) => return Err(format!("loadBalancerSourceRange {r:?} is not a CIDR")),
+            }
+        }
+    }
+    let externally_accessible = matches!(ty, "NodePort" | "LoadBalancer") || !external_ips.is_empty();
+    let external_policy_local = externally_accessible && spec.external_traffic_policy.as_deref() == Some("Local");
+    let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        let cfg = spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref());
+        cfg.and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+    });
+    let health_check_node_port = spec
+        .health_check_node_port
+        .filter(|_| is_lb && external_policy_local)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0);
+    Ok(ServicePolicy {
+        external_ips,
+        load_balancer_ips,
+        source_ranges,
+        external_policy_local,
+        internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        affinity_timeout_s,
+        health_check_node_port,
+    })
 }
 
 /// Adds the endpoints of `slice` that serve `sp` (matched by port name and protocol).
@@ -280,6 +469,7 @@ fn add_slice_endpoints(
         if !seen.insert((addr, port)) {
             continue;
         }
+        let hints = ep.hints.as_ref();
         sp.endpoints.push(Endpoint {
             addr,
             port,
@@ -288,6 +478,18 @@ fn add_slice_endpoints(
             terminating,
             node_name: ep.node_name.clone(),
             zone: ep.zone.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect(),
         });
     }
 }

@@ -1,5 +1,5 @@
 //! Reading Kubernetes objects from YAML (`--objects PATH`): a file or a directory of files, each with
-//! one or more documents. Only v1 Service and discovery.k8s.io/v1 EndpointSlice are used; other kinds
+//! one or more documents. Only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node are used; other kinds
 //! (Deployments in the same manifests, say) are ignored, and a document that cannot be decoded is
 //! reported and skipped without losing the rest.
 
@@ -9,7 +9,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize as _;
 
 /// The objects found under a path.
@@ -17,6 +20,8 @@ use serde::Deserialize as _;
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// Nodes (only this node's topology labels are used).
+    pub nodes: Vec<Node>,
     /// Documents that could not be decoded: (file, document index, error).
     pub errors: Vec<String>,
 }
@@ -70,6 +75,7 @@ pub fn parse_into(text: &str, origin: &str, objects: &mut Objects) {
         let result = match (api_version.as_str(), kind.as_str()) {
             ("v1", "Service") => serde_yaml::from_value(value).map(|s| objects.services.push(s)),
             ("discovery.k8s.io/v1", "EndpointSlice") => serde_yaml::from_value(value).map(|s| objects.slices.push(s)),
+            ("v1", "Node") => serde_yaml::from_value(value).map(|n| objects.nodes.push(n)),
             ("v1", "List") => {
                 // `kubectl get -o yaml` output: recurse into the items.
                 if let Some(items) = value.get("items").and_then(|v| v.as_sequence()) {

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
-use proxy_common::{Backend, BackendSlotKey, Frontend, FrontendKey, RevNat, ServiceAddr};
+use proxy_common::{Backend, BackendSlotKey, Frontend, FrontendKey, NodeAddr, NodeConfig, RevNat, ServiceAddr};
 
-use crate::translate::DesiredMaps;
+use crate::translate::{DesiredMaps, SourceRange};
 
 /// One BPF map as the reconciler sees it.
 pub trait Table<K, V> {
@@ -38,6 +38,9 @@ pub struct Tables {
     pub backends: Box<dyn Table<u32, Backend> + Send>,
     pub rev_nat: Box<dyn Table<u32, RevNat> + Send>,
     pub service_addrs: Box<dyn Table<u32, ServiceAddr> + Send>,
+    pub source_ranges: Box<dyn Table<SourceRange, u32> + Send>,
+    pub node_config: Box<dyn Table<u32, NodeConfig> + Send>,
+    pub node_addrs: Box<dyn Table<u32, NodeAddr> + Send>,
 }
 
 impl Tables {
@@ -49,6 +52,9 @@ impl Tables {
             backends: Box::new(BTreeMap::new()),
             rev_nat: Box::new(BTreeMap::new()),
             service_addrs: Box::new(BTreeMap::new()),
+            source_ranges: Box::new(BTreeMap::new()),
+            node_config: Box::new(BTreeMap::new()),
+            node_addrs: Box::new(BTreeMap::new()),
         }
     }
 
@@ -60,6 +66,9 @@ impl Tables {
             backends: self.backends.entries().context("reading backends")?,
             rev_nat: self.rev_nat.entries().context("reading reverse NAT")?,
             service_addrs: self.service_addrs.entries().context("reading service addresses")?,
+            source_ranges: self.source_ranges.entries().context("reading source ranges")?,
+            node_config: self.node_config.entries().context("reading the node configuration")?,
+            node_addrs: self.node_addrs.entries().context("reading node addresses")?,
         })
     }
 }
@@ -123,13 +132,20 @@ impl Reconciler {
     pub fn sync(&mut self, desired: &DesiredMaps, t: &mut Tables) -> Result<SyncStats> {
         let mut s = SyncStats::default();
         let a = &mut self.actual;
-        // Referenced before referencing: backends ← slots ← frontends; reverse NAT and the address set
-        // before the frontend that makes packets need them.
+        // Referenced before referencing: the node's configuration first (SNAT needs it); backends ←
+        // slots ← frontends; reverse NAT, the address set and source ranges before the frontend that
+        // makes packets need them.
+        write_changed(t.node_config.as_mut(), &mut a.node_config, &desired.node_config, &mut s)
+            .context("writing the node configuration")?;
+        write_changed(t.node_addrs.as_mut(), &mut a.node_addrs, &desired.node_addrs, &mut s)
+            .context("writing node addresses")?;
         write_changed(t.backends.as_mut(), &mut a.backends, &desired.backends, &mut s).context("writing backends")?;
         write_changed(t.slots.as_mut(), &mut a.slots, &desired.slots, &mut s).context("writing backend slots")?;
         write_changed(t.rev_nat.as_mut(), &mut a.rev_nat, &desired.rev_nat, &mut s).context("writing reverse NAT")?;
         write_changed(t.service_addrs.as_mut(), &mut a.service_addrs, &desired.service_addrs, &mut s)
             .context("writing service addresses")?;
+        write_changed(t.source_ranges.as_mut(), &mut a.source_ranges, &desired.source_ranges, &mut s)
+            .context("writing source ranges")?;
         write_changed(t.frontends.as_mut(), &mut a.frontends, &desired.frontends, &mut s)
             .context("writing frontends")?;
         // Then the reverse: frontends first, so nothing is looked up through an entry being removed.
@@ -140,8 +156,14 @@ impl Reconciler {
             .context("deleting service addresses")?;
         delete_unwanted(t.rev_nat.as_mut(), &mut a.rev_nat, &desired.rev_nat, &mut s)
             .context("deleting reverse NAT")?;
+        delete_unwanted(t.source_ranges.as_mut(), &mut a.source_ranges, &desired.source_ranges, &mut s)
+            .context("deleting source ranges")?;
         delete_unwanted(t.backends.as_mut(), &mut a.backends, &desired.backends, &mut s)
             .context("deleting backends")?;
+        delete_unwanted(t.node_addrs.as_mut(), &mut a.node_addrs, &desired.node_addrs, &mut s)
+            .context("deleting node addresses")?;
+        delete_unwanted(t.node_config.as_mut(), &mut a.node_config, &desired.node_config, &mut s)
+            .context("clearing the node configuration")?;
         Ok(s)
     }
 }

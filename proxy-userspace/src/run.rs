@@ -21,7 +21,7 @@ use crate::{
     objects::Objects,
     reconcile::{Reconciler, Tables},
     source,
-    translate::{self, Ids},
+    translate::{self, Ids, NodeContext},
 };
 
 #[derive(Args, Clone, Debug)]
@@ -56,6 +56,34 @@ pub struct RunArgs {
     /// `--service-proxy-name`: handle Services labelled service.kubernetes.io/service-proxy-name=<this>.
     #[arg(long)]
     pub service_proxy_name: Option<String>,
+    /// Source ports for masquerading (MIN-MAX). They are added to the node's
+    /// net.ipv4.ip_local_reserved_ports so local sockets never take them.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    pub snat_port_range: (u16, u16),
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("expected MIN-MAX")?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s:?} is not a range of ports (1-65535, MIN <= MAX)"));
+    }
+    Ok((a, b))
+}
+
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Adds the SNAT range to the node's reserved ports, keeping what is there.
+fn reserve_snat_ports((min, max): (u16, u16)) -> Result<()> {
+    let current = std::fs::read_to_string(RESERVED_PORTS).with_context(|| format!("reading {RESERVED_PORTS}"))?;
+    let range = format!("{min}-{max}");
+    if current.trim().split(',').any(|r| r == range) {
+        return Ok(());
+    }
+    let joined = if current.trim().is_empty() { range } else { format!("{},{range}", current.trim()) };
+    std::fs::write(RESERVED_PORTS, &joined).with_context(|| format!("writing {joined:?} to {RESERVED_PORTS}"))?;
+    Ok(())
 }
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -87,6 +115,8 @@ struct Proxy {
     reconciler: Reconciler,
     ids: Ids,
     model_opts: ModelOptions,
+    node: NodeArgs,
+    snat_ports: (u16, u16),
 }
 
 impl Proxy {
@@ -96,7 +126,9 @@ impl Proxy {
         for e in &model.errors {
             log::warn!("{e}");
         }
-        let (desired, notes) = translate::translate(&model, &mut self.ids);
+        let mut node = NodeContext::new(&self.node, &model);
+        node.snat_ports = self.snat_ports;
+        let (desired, notes) = translate::translate(&model, &node, &mut self.ids);
         for n in &notes {
             log::warn!("{n}");
         }
@@ -151,7 +183,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         log::info!("socket-level load balancing on cgroup {}", cg.display());
     }
     let model_opts = ModelOptions { service_proxy_name: args.service_proxy_name.clone() };
-    let mut proxy = Proxy { dp, tables, reconciler, ids, model_opts };
+    reserve_snat_ports(args.snat_port_range)?;
+    if args.node.node_ips.is_empty() {
+        log::warn!("no --node-ip: NodePorts are not served and traffic needing masquerade is dropped");
+    }
+    let mut proxy =
+        Proxy { dp, tables, reconciler, ids, model_opts, node: args.node.clone(), snat_ports: args.snat_port_range };
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
     let link_task = tokio::spawn(async move {

@@ -9,10 +9,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use aya::maps::{HashMap, MapData};
 use aya::programs::{TestRun as _, TestRunOptions};
 use clap::{Args, ValueEnum};
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use proxy_common::{FrontendKey, addr_to_map, port_to_map, stat_is_drop, stat_name};
+use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
+use proxy_common::{
+    Affinity, AffinityKey, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FrontendKey, addr_to_map, port_to_map,
+    stat_is_drop, stat_name,
+};
 use serde::Serialize;
 
 use crate::{
@@ -21,7 +25,7 @@ use crate::{
     model::{self, Model, ModelOptions, Protocol},
     objects,
     reconcile::Reconciler,
-    translate::{self, DesiredMaps, Ids},
+    translate::{self, DesiredMaps, Ids, NodeContext},
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -86,6 +90,7 @@ struct Outcome {
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 const FIRST_SPORT: u16 = 20_000;
 
 /// Builds the test packet: Ethernet + IPv4 + a TCP SYN or a UDP datagram with a small payload.
@@ -100,9 +105,54 @@ pub fn build_packet(proto: TraceProto, src: Ipv4Addr, sport: u16, dst: SocketAdd
             b.write(&mut out, &[])?;
         }
         TraceProto::Udp => builder.udp(sport, dst.port()).write(&mut out, payload)?,
-        TraceProto::Sctp => bail!("SCTP packets are not traced: the datapath does not handle SCTP Services yet"),
+        TraceProto::Sctp => {
+            let sctp = sctp_init(sport, dst.port());
+            let ip = etherparse::Ipv4Header::new(
+                sctp.len() as u16,
+                64,
+                etherparse::IpNumber::SCTP,
+                src.octets(),
+                dst.ip().octets(),
+            )?;
+            let eth = etherparse::Ethernet2Header {
+                source: [2, 0, 0, 0, 0, 1],
+                destination: [2, 0, 0, 0, 0, 2],
+                ether_type: etherparse::EtherType::IPV4,
+            };
+            eth.write(&mut out)?;
+            ip.write(&mut out)?;
+            out.extend_from_slice(&sctp);
+        }
     }
     Ok(out)
+}
+
+/// CRC32c as SCTP uses it (RFC 9260 appendix A), bit by bit.
+pub fn sctp_crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// An SCTP packet with one INIT chunk, checksummed.
+pub fn sctp_init(sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = Vec::with_capacity(32);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0; 8]); // verification tag 0 (INIT), checksum
+    p.extend_from_slice(&[1, 0, 0, 20]); // INIT, flags, length
+    p.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // initiate tag
+    p.extend_from_slice(&65_535u32.to_be_bytes()); // a_rwnd
+    p.extend_from_slice(&[0, 1, 0, 1]); // outbound / inbound streams
+    p.extend_from_slice(&1u32.to_be_bytes()); // initial TSN
+    let crc = sctp_crc32c(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
 }
 
 /// Reads source, destination and their ports from a packet.
@@ -113,9 +163,31 @@ pub fn endpoints_of(packet: &[u8]) -> Result<(SocketAddrV4, SocketAddrV4)> {
     let (sp, dp) = match sliced.transport {
         Some(TransportSlice::Tcp(t)) => (t.source_port(), t.destination_port()),
         Some(TransportSlice::Udp(u)) => (u.source_port(), u.destination_port()),
-        _ => bail!("output has no TCP/UDP header"),
+        _ if ip.payload().ip_number == etherparse::IpNumber::SCTP && ip.payload().payload.len() >= 4 => {
+            let p = ip.payload().payload;
+            (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]))
+        }
+        _ => bail!("output has no TCP/UDP/SCTP header"),
     };
     Ok((SocketAddrV4::new(s, sp), SocketAddrV4::new(d, dp)))
+}
+
+/// Whether `out` answers the packet `src -> dst` with a TCP RST or an ICMP port unreachable.
+pub fn is_reject_answer(out: &[u8], src: SocketAddrV4, dst: SocketAddrV4) -> bool {
+    let Ok(sliced) = SlicedPacket::from_ethernet(out) else { return false };
+    let Some(NetSlice::Ipv4(ip)) = sliced.net else { return false };
+    let (s, d) = (ip.header().source_addr(), ip.header().destination_addr());
+    match sliced.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            t.rst() && SocketAddrV4::new(s, t.source_port()) == dst && SocketAddrV4::new(d, t.destination_port()) == src
+        }
+        Some(TransportSlice::Icmpv4(i)) => {
+            matches!(i.icmp_type(), Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port))
+                && s == *dst.ip()
+                && d == *src.ip()
+        }
+        _ => false,
+    }
 }
 
 /// The tc program that handles a packet from this origin in the deployed datapath.
@@ -132,18 +204,37 @@ pub fn program_for(origin: Origin) -> &'static str {
 pub struct TraceDatapath {
     pub dp: Datapath,
     pub model: Model,
+    pub node: NodeContext,
     pub desired: DesiredMaps,
+    pub affinity: HashMap<MapData, AffinityKey, Affinity>,
 }
 
 impl TraceDatapath {
-    pub fn new(objects_path: &std::path::Path) -> Result<Self> {
+    pub fn new(objects_path: &std::path::Path, node: &NodeArgs) -> Result<Self> {
+        Self::with_snat_ports(objects_path, node, (DEFAULT_SNAT_PORT_MIN, DEFAULT_SNAT_PORT_MAX))
+    }
+
+    /// As [`Self::new`], with another SNAT port range (tests of port allocation use a small one).
+    pub fn with_snat_ports(objects_path: &std::path::Path, node: &NodeArgs, snat_ports: (u16, u16)) -> Result<Self> {
         let objects = objects::load(objects_path)?;
         let model = model::build(&objects, &ModelOptions::default());
-        let (desired, _) = translate::translate(&model, &mut Ids::default());
+        let mut node = NodeContext::new(node, &model);
+        node.snat_ports = snat_ports;
+        let (desired, _) = translate::translate(&model, &node, &mut Ids::default());
         let mut dp = Datapath::load(MapMode::Private)?;
         let mut tables = dp.tables()?;
         Reconciler::new(&tables)?.sync(&desired, &mut tables)?;
-        Ok(Self { dp, model, desired })
+        let affinity = HashMap::try_from(dp.take_map("AFFINITY")?)?;
+        Ok(Self { dp, model, node, desired, affinity })
+    }
+
+    /// Forgets every client's affinity, so each run chooses afresh.
+    fn clear_affinity(&mut self) -> Result<()> {
+        let keys: Vec<AffinityKey> = self.affinity.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            let _ = self.affinity.remove(&k);
+        }
+        Ok(())
     }
 
     /// Runs one packet through `program` and interprets the result.
@@ -161,10 +252,13 @@ impl TraceDatapath {
             .and_then(|i| stat_name(i as u32));
         let (src_in, dst_in) = endpoints_of(packet)?;
         Ok(match res.return_value {
+            TC_ACT_REDIRECT if is_reject_answer(&out, src_in, dst_in) => {
+                Outcome { verdict: Verdict::Reject, dst: None, masquerade: false, reason: None }
+            }
             TC_ACT_OK => {
                 let (src_out, dst_out) = endpoints_of(&out)?;
                 if dst_out != dst_in {
-                    let masquerade = src_out.ip() != src_in.ip() && node_ips.contains(src_out.ip());
+                    let masquerade = src_out != src_in && node_ips.contains(src_out.ip());
                     Outcome { verdict: Verdict::Forward, dst: Some(dst_out), masquerade, reason: None }
                 } else {
                     Outcome { verdict: Verdict::Pass, dst: None, masquerade: false, reason: None }
@@ -178,7 +272,7 @@ impl TraceDatapath {
     }
 
     /// Runs the packet often enough to see every backend the program can choose.
-    pub fn trace(&self, args: &TraceArgs) -> Result<TraceReport> {
+    pub fn trace(&mut self, args: &TraceArgs) -> Result<TraceReport> {
         let origin = args.node.origin(args.src);
         let program = program_for(origin);
         let proto = match args.proto {
@@ -192,7 +286,8 @@ impl TraceDatapath {
             proto: proto.number(),
             _pad: 0,
         };
-        let count = self.desired.frontends.get(&key).map_or(1, |f| u32::from(f.backend_count).max(1));
+        let count =
+            self.desired.frontends.get(&key).map_or(1, |f| u32::from(f.backend_count.max(f.local_count)).max(1));
         // P(some backend never chosen) <= n·(1-1/n)^runs < 1e-9 for these run counts.
         let runs = (32 + 24 * count).min(40_000);
         let mut backends = BTreeMap::new();
@@ -201,6 +296,7 @@ impl TraceDatapath {
             let sport = FIRST_SPORT.wrapping_add(i as u16);
             let packet = build_packet(args.proto, args.src, sport, args.dst)?;
             let o = self.run_once(program, &packet, &args.node.node_ips)?;
+            self.clear_affinity()?;
             if let Some(dst) = o.dst {
                 backends.insert(dst, o.masquerade);
             }
@@ -230,31 +326,43 @@ impl TraceDatapath {
         let proto = format!("{:?}", args.proto).to_uppercase();
         let _ = writeln!(s, "packet   {proto} {}:{} -> {}", args.src, FIRST_SPORT, args.dst);
         let _ = writeln!(s, "origin   {origin:?} (program {})", report.program);
-        let sp = self.model.ports.values().find(|sp| {
-            sp.cluster_ip == *args.dst.ip() && sp.port == args.dst.port() && format!("{}", sp.name.protocol) == proto
+        let found = self.model.ports.values().find_map(|sp| {
+            let kind = translate::frontend_addresses(sp, &self.node)
+                .into_iter()
+                .find(|(ip, port, _)| *ip == *args.dst.ip() && *port == args.dst.port())?;
+            (sp.name.protocol.to_string() == proto).then_some((sp, kind.2))
         });
-        match sp {
-            Some(sp) => {
-                let _ = writeln!(s, "service  {} (ClusterIP {}:{})", sp.name, sp.cluster_ip, sp.port);
-                let usable = sp.usable_endpoints();
+        match found {
+            Some((sp, flags)) => {
+                let _ = writeln!(s, "service  {} ({})", sp.name, translate::describe_frontend(flags));
+                let cat = sp.categorize(&self.node.name, self.node.zone.as_deref());
+                if let Some(mode) = cat.topology {
+                    let _ = writeln!(s, "topology {mode}: the cluster-wide set is limited to hinted endpoints");
+                }
                 for ep in &sp.endpoints {
-                    let why = if usable.contains(&ep) {
-                        if ep.ready {
-                            "eligible: ready"
-                        } else {
-                            "eligible: serving while terminating (no ready endpoint)"
-                        }
-                    } else if !ep.ready && !ep.serving {
-                        "not eligible: not ready"
-                    } else {
-                        "not eligible: terminating, and ready endpoints exist"
+                    let sets: Vec<&str> =
+                        [("cluster-wide", cat.cluster.contains(&ep)), ("local", cat.local.contains(&ep))]
+                            .into_iter()
+                            .filter_map(|(n, inside)| inside.then_some(n))
+                            .collect();
+                    let state = match (ep.ready, ep.serving, ep.terminating) {
+                        (true, _, _) => "ready",
+                        (false, true, true) => "serving, terminating",
+                        (false, _, true) => "terminating, not serving",
+                        _ => "not ready",
                     };
                     let node = ep.node_name.as_deref().unwrap_or("?");
-                    let _ = writeln!(s, "endpoint {}:{} on {node}: {why}", ep.addr, ep.port);
+                    let sets = if sets.is_empty() {
+                        "in no set".to_string()
+                    } else {
+                        format!("in the {} set", sets.join(" and "))
+                    };
+                    let _ = writeln!(s, "endpoint {}:{} on {node}: {state}; {sets}", ep.addr, ep.port);
                 }
                 if sp.endpoints.is_empty() {
                     let _ = writeln!(s, "endpoint (none)");
                 }
+                let _ = writeln!(s, "policy   {}", translate::describe_policy(sp, &cat));
             }
             None => {
                 let _ = writeln!(s, "service  none: {} is not a Service port", args.dst);
@@ -274,7 +382,7 @@ impl TraceDatapath {
 }
 
 pub fn trace(args: &TraceArgs) -> Result<()> {
-    let tdp = TraceDatapath::new(&args.objects)?;
+    let mut tdp = TraceDatapath::new(&args.objects, &args.node)?;
     let report = tdp.trace(args)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -6,10 +6,11 @@ use std::{
 };
 
 use ebpf_proxy::{
+    config::NodeArgs,
     model::{self, ModelOptions},
     objects::{self, Objects},
     reconcile::{Reconciler, Table, Tables},
-    translate::{self, DesiredMaps, Ids},
+    translate::{self, DesiredMaps, Ids, NodeContext},
 };
 use proxy_common::{FrontendKey, PROTO_TCP, PROTO_UDP, addr_to_map, port_to_map};
 
@@ -31,13 +32,24 @@ fn slice(name: &str, svc: &str, ports: &str, endpoints: &str) -> String {
     )
 }
 
+/// The node the tests translate for: two addresses, pods in 10.0.0.0/8.
+fn node(m: &model::Model) -> NodeContext {
+    let args = NodeArgs {
+        node_name: "node-a".into(),
+        node_ips: vec![Ipv4Addr::new(192, 168, 0, 2), Ipv4Addr::new(192, 168, 1, 2)],
+        cluster_cidr: Some("10.0.0.0/8".parse().unwrap()),
+        ..Default::default()
+    };
+    NodeContext::new(&args, m)
+}
+
 fn fe(ip: [u8; 4], port: u16, proto: u8) -> FrontendKey {
     FrontendKey { addr: addr_to_map(ip), port: port_to_map(port), proto, _pad: 0 }
 }
 
 fn build(yaml: &str) -> (model::Model, DesiredMaps) {
     let m = model::build(&objects(yaml), &ModelOptions::default());
-    let (d, _) = translate::translate(&m, &mut Ids::default());
+    let (d, _) = translate::translate(&m, &node(&m), &mut Ids::default());
     (m, d)
 }
 
@@ -150,6 +162,9 @@ fn recording_tables(log: &Arc<Mutex<Vec<String>>>) -> Tables {
         backends: r("backend", log),
         rev_nat: r("revnat", log),
         service_addrs: r("addr", log),
+        source_ranges: r("range", log),
+        node_config: r("config", log),
+        node_addrs: r("nodeaddr", log),
     }
 }
 
@@ -172,7 +187,7 @@ fn reconciler_writes_references_first_deletes_in_reverse_and_touches_only_change
     let mut ids = Ids::default();
     let sync = |yaml: &str, ids: &mut Ids, rec: &mut Reconciler, tables: &mut Tables| {
         let m = model::build(&objects(yaml), &ModelOptions::default());
-        let (d, _) = translate::translate(&m, ids);
+        let (d, _) = translate::translate(&m, &node(&m), ids);
         let s = rec.sync(&d, tables).unwrap();
         assert_eq!(&tables.dump().unwrap(), &d, "maps equal the desired state");
         s
@@ -209,11 +224,104 @@ fn ids_are_stable_and_restored_from_the_maps() {
     let yaml = web(&["10.0.0.1", "10.0.0.2"]);
     let m = model::build(&objects(&yaml), &ModelOptions::default());
     let mut ids = Ids::default();
-    let (d1, _) = translate::translate(&m, &mut ids);
-    let (d2, _) = translate::translate(&m, &mut ids);
+    let (d1, _) = translate::translate(&m, &node(&m), &mut ids);
+    let (d2, _) = translate::translate(&m, &node(&m), &mut ids);
     assert_eq!(d1, d2);
     // A restarted proxy reads the IDs back and computes exactly what the maps already hold.
     let mut restored = Ids::restore(&d1.frontends, &d1.backends);
-    let (d3, _) = translate::translate(&m, &mut restored);
+    let (d3, _) = translate::translate(&m, &node(&m), &mut restored);
     assert_eq!(d1, d3);
+}
+
+fn endpoint(addr: &str, node: &str, ready: bool, serving: bool, terminating: bool, extra: &str) -> String {
+    format!(
+        "{{addresses: [{addr}], nodeName: {node}, conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}{extra}}}"
+    )
+}
+
+#[test]
+fn cluster_and_local_sets_fall_back_to_terminating_endpoints_separately() {
+    let eps = [
+        endpoint("10.0.1.1", "node-a", false, true, true, ""),
+        endpoint("10.0.2.1", "node-b", true, true, false, ""),
+        endpoint("10.0.2.2", "node-b", false, false, true, ""),
+    ];
+    let yaml = [
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec: {type: NodePort, clusterIP: 10.96.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}\n---\n".to_string(),
+        slice("web-a", "web", "[{port: 8080}]", &format!("[{}]", eps.join(", "))),
+    ]
+    .concat();
+    let m = model::build(&objects(&yaml), &ModelOptions::default());
+    let sp = m.ports.values().next().unwrap();
+    let cat = sp.categorize("node-a", None);
+    let addrs = |v: &Vec<&model::Endpoint>| v.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>();
+    // Cluster-wide: the ready remote endpoint. Local: no ready one here, so the serving terminating one.
+    assert_eq!(addrs(&cat.cluster), ["10.0.2.1"]);
+    assert_eq!(addrs(&cat.local), ["10.0.1.1"]);
+    assert!(cat.has_any);
+    let (d, _) = translate::translate(&m, &node(&m), &mut Ids::default());
+    // ClusterIP + NodePort on both node addresses.
+    assert_eq!(d.frontends.len(), 3);
+    let np = d.frontends[&fe([192, 168, 1, 2], 30080, PROTO_TCP)];
+    assert_eq!((np.backend_count, np.local_count), (1, 1));
+    assert_ne!(np.flags & proxy_common::FRONTEND_F_ETP_LOCAL, 0);
+    // Node addresses are not Service addresses (other traffic to them is the node's own).
+    assert!(!d.service_addrs.contains_key(&addr_to_map([192, 168, 1, 2])));
+}
+
+#[test]
+fn topology_hints_limit_the_cluster_set_only_when_every_ready_endpoint_has_them() {
+    let hinted = |zone: &str| format!(", hints: {{forZones: [{{name: {zone}}}]}}");
+    let mk = |third: String| {
+        let eps = [
+            endpoint("10.0.1.1", "node-a", true, true, false, &hinted("zone-a")),
+            endpoint("10.0.2.1", "node-b", true, true, false, &hinted("zone-b")),
+            third,
+        ];
+        [
+            svc("web", "10.96.0.1", "[{port: 80}]"),
+            slice("web-a", "web", "[{port: 80}]", &format!("[{}]", eps.join(", "))),
+            "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}\n"
+                .into(),
+        ]
+        .concat()
+    };
+    let m = model::build(
+        &objects(&mk(endpoint("10.0.1.2", "node-a", true, true, false, &hinted("zone-a")))),
+        &ModelOptions::default(),
+    );
+    let n = node(&m);
+    assert_eq!(n.zone.as_deref(), Some("zone-a"));
+    let cat = m.ports.values().next().unwrap().categorize(&n.name, n.zone.as_deref());
+    assert_eq!(cat.topology, Some("PreferSameZone"));
+    assert_eq!(cat.cluster.len(), 2);
+    // One ready endpoint without hints: topology is ignored, every ready endpoint is used.
+    let m =
+        model::build(&objects(&mk(endpoint("10.0.1.2", "node-a", true, true, false, ""))), &ModelOptions::default());
+    let cat = m.ports.values().next().unwrap().categorize("node-a", Some("zone-a"));
+    assert_eq!((cat.topology, cat.cluster.len()), (None, 3));
+}
+
+#[test]
+fn load_balancer_ips_source_ranges_and_proxy_mode_ingress() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: ns}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.9\n  loadBalancerSourceRanges: [203.0.113.0/25, \" 192.168.0.0/24\"]\n  ports: [{port: 80, nodePort: 30009}]\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.9}, {ip: 198.51.100.10, ipMode: Proxy}]\n";
+    let m = model::build(&objects(yaml), &ModelOptions::default());
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    let (d, _) = translate::translate(&m, &node(&m), &mut Ids::default());
+    assert!(d.frontends.contains_key(&fe([198, 51, 100, 9], 80, PROTO_TCP)));
+    assert!(!d.frontends.contains_key(&fe([198, 51, 100, 10], 80, PROTO_TCP)), "ipMode Proxy is the LB's job");
+    let lb = d.frontends[&fe([198, 51, 100, 9], 80, PROTO_TCP)];
+    assert_ne!(lb.flags & proxy_common::FRONTEND_F_SOURCE_RANGES, 0);
+    assert_eq!(lb.flags & proxy_common::FRONTEND_F_HAS_ENDPOINTS, 0, "no endpoints: rejected");
+    let ranges: Vec<(u32, [u8; 4])> = d
+        .source_ranges
+        .keys()
+        .filter(|(_, k)| u32::from_be(k.service_id_be) == lb.service_id)
+        .map(|(len, k)| (len - 32, proxy_common::addr_from_map(k.addr)))
+        .collect();
+    // The two ranges; a range holds a node address, so both node addresses and the LB IP are allowed.
+    assert_eq!(ranges.len(), 5, "{ranges:?}");
+    for want in [(25, [203, 0, 113, 0]), (24, [192, 168, 0, 0]), (32, [192, 168, 1, 2]), (32, [198, 51, 100, 9])] {
+        assert!(ranges.contains(&want), "{want:?} missing from {ranges:?}");
+    }
 }

@@ -306,10 +306,11 @@ fn trace_reports_every_backend_passes_other_traffic_and_names_drop_reasons() {
     assert_eq!(t["backends"], serde_json::json!([{"addr": "10.244.1.2:5353", "masquerade": false}]));
     let t = trace(&node, "203.0.113.2", "10.96.0.10:80", "tcp");
     assert_eq!((t["verdict"].as_str(), t["program"].as_str()), (Some("forward"), Some("from_netdev")));
-    for (dst, proto) in [("10.244.1.2:8080", "tcp"), ("10.96.0.10:81", "tcp"), ("10.96.0.10:80", "udp")] {
+    let t = trace(&node, "10.244.1.9", "10.244.1.2:8080", "tcp");
+    assert_eq!(t, serde_json::json!({"verdict": "pass", "backends": [], "program": "from_pod", "reason": null}));
+    // A port or protocol the ClusterIP does not serve, and a Service without endpoints: rejected.
+    for (dst, proto) in [("10.96.0.10:81", "tcp"), ("10.96.0.10:80", "udp"), ("10.96.0.99:80", "tcp")] {
         let t = trace(&node, "10.244.1.9", dst, proto);
-        assert_eq!(t, serde_json::json!({"verdict": "pass", "backends": [], "program": "from_pod", "reason": null}));
+        assert_eq!(t, serde_json::json!({"verdict": "reject", "backends": [], "program": "from_pod", "reason": null}));
     }
-    let t = trace(&node, "10.244.1.9", "10.96.0.99:80", "tcp");
-    assert_eq!((t["verdict"].as_str(), t["reason"].as_str()), (Some("drop"), Some("drop_no_endpoints")));
 }

@@ -8,11 +8,12 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use ebpf_proxy::{
+    config::NodeArgs,
     datapath::{Datapath, MapMode, PROG_FROM_POD},
     model::{self, ModelOptions},
     objects::{self, Objects},
     reconcile::Reconciler,
-    translate::{self, Ids},
+    translate::{self, Ids, NodeContext},
 };
 use proxy_common::{
     CT_DIR_REPLY, CT_DIR_SERVICE, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, CtEntry, CtKey, PROTO_TCP, STAT_CT_NEW,
@@ -75,7 +76,8 @@ impl Bed {
         assert!(objs.errors.is_empty(), "{:?}", objs.errors);
         let model = model::build(&objs, &ModelOptions::default());
         assert!(model.errors.is_empty(), "{:?}", model.errors);
-        let (desired, _) = translate::translate(&model, &mut Ids::default());
+        let node = NodeContext::new(&node_args(), &model);
+        let (desired, _) = translate::translate(&model, &node, &mut Ids::default());
         let mut dp = Datapath::load(MapMode::Private).expect("load datapath");
         let mut tables = dp.tables().expect("tables");
         Reconciler::new(&tables).unwrap().sync(&desired, &mut tables).expect("sync");
@@ -125,6 +127,17 @@ impl Bed {
             _pad: 0,
         };
         self.ct.get(&key, 0).ok()
+    }
+}
+
+/// The node the tests pretend to be: pods in 10.244.0.0/16 (the client and backends are local pods).
+fn node_args() -> NodeArgs {
+    NodeArgs {
+        node_name: "node-a".into(),
+        node_ips: vec![Ipv4Addr::new(192, 168, 50, 2)],
+        cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+        service_cidr: Some("10.96.0.0/16".parse().unwrap()),
+        ..Default::default()
     }
 }
 
@@ -215,9 +228,8 @@ fn non_service_packets_are_untouched() {
     let frames = [
         packets::tcp(CLIENT, other, true, false, &[]),
         packets::udp(CLIENT, other, b"x"),
-        // Service address, wrong port; and the right port on another protocol.
-        packets::tcp(CLIENT, vip(81), true, false, &[]),
-        packets::udp(CLIENT, vip(80), b"x"),
+        // Outside the service CIDR, on a Service port number.
+        packets::tcp(CLIENT, SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 10), 80), true, false, &[]),
         // A reply-looking packet with no conntrack entry.
         packets::tcp(BACKENDS[0], SocketAddrV4::new(*CLIENT.ip(), 1), true, true, &[]),
     ];
@@ -327,9 +339,10 @@ fn fragments_drop_for_services_and_pass_otherwise() {
 }
 
 #[test]
-fn service_without_endpoints_is_counted() {
+fn a_reset_to_a_service_without_endpoints_is_dropped_not_answered() {
     let bed = Bed::new();
-    let syn = packets::tcp(CLIENT, SocketAddrV4::new(EMPTY_VIP, 80), true, false, &[]);
-    bed.expect(&syn, TC_ACT_SHOT, STAT_DROP_NO_ENDPOINTS);
+    let mut rst = packets::tcp(CLIENT, SocketAddrV4::new(EMPTY_VIP, 80), false, false, &[]);
+    rst[L4_OFF + 13] = 0x04;
+    bed.expect(&rst, TC_ACT_SHOT, STAT_DROP_NO_ENDPOINTS);
     assert_eq!(bed.stat(STAT_DROP_NO_ENDPOINTS), 1);
 }

@@ -1,0 +1,193 @@
+//! REJECT, as kube-proxy does it for Service ports without endpoints: the packet is turned into the
+//! answer in place — a TCP RST, or an ICMP port unreachable for UDP and SCTP — and sent back out of
+//! the interface it came in on, so the client fails at once instead of timing out.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::TC_ACT_REDIRECT,
+    helpers::{bpf_csum_diff, bpf_redirect},
+    programs::TcContext,
+};
+use proxy_common::{PROTO_TCP, STAT_DROP_NO_ENDPOINTS, STAT_REJECT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+use crate::{
+    packet::{ETH_HLEN, Packet},
+    stats,
+};
+
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const IP_DF_BE: u16 = 0x4000u16.to_be();
+const REPLY_TTL: u8 = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct TcpHdr {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    doff: u8,
+    flags: u8,
+    window: u16,
+    check: u16,
+    urg: u16,
+}
+
+/// The TCP pseudo-header followed by the header, summed together for the checksum.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct TcpWithPseudo {
+    saddr: u32,
+    daddr: u32,
+    zero: u8,
+    proto: u8,
+    len: u16,
+    tcp: TcpHdr,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct IcmpUnreach {
+    kind: u8,
+    code: u8,
+    check: u16,
+    unused: u32,
+    /// The offending datagram's IP header and first 8 bytes of payload (RFC 792).
+    quote_ip: Ipv4Hdr,
+    quote_l4: [u8; 8],
+}
+
+/// Folds a 32-bit one's-complement sum into the checksum field value.
+#[inline(always)]
+fn fold(sum: i64) -> u16 {
+    let mut s = sum as u64 & 0xffff_ffff;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+#[inline(always)]
+fn checksum<T>(v: &mut T) -> u16 {
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, v as *mut T as *mut u32, size_of::<T>() as u32, 0) };
+    fold(sum)
+}
+
+#[inline(always)]
+fn ipv4_reply(pkt: &Packet, proto: u8, payload_len: usize) -> Ipv4Hdr {
+    let mut ip = Ipv4Hdr {
+        version_ihl: 0x45,
+        tot_len: ((size_of::<Ipv4Hdr>() + payload_len) as u16).to_be(),
+        frag_off: IP_DF_BE,
+        ttl: REPLY_TTL,
+        proto,
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        ..Default::default()
+    };
+    ip.check = checksum(&mut ip);
+    ip
+}
+
+/// Swaps the Ethernet addresses so the frame goes back to where it came from.
+#[inline(always)]
+fn reply_ethernet(ctx: &TcContext) -> Result<(), i64> {
+    let macs: [u8; 12] = ctx.load(0)?;
+    let mut swapped = [0u8; 14];
+    swapped[..6].copy_from_slice(&macs[6..12]);
+    swapped[6..12].copy_from_slice(&macs[..6]);
+    swapped[12..14].copy_from_slice(&ETH_P_IP_BE.to_ne_bytes());
+    ctx.store(0, &swapped, 0)
+}
+
+/// A TCP RST answering `pkt` (RFC 9293 3.10.7.1: take the peer's ACK as our sequence number, or
+/// acknowledge everything it sent).
+#[inline(always)]
+fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
+    let seq: u32 = u32::from_be(ctx.load(pkt.l4_off + 4)?);
+    let ack: u32 = u32::from_be(ctx.load(pkt.l4_off + 8)?);
+    let doff = ((ctx.load::<u8>(pkt.l4_off + 12)? >> 4) as usize) * 4;
+    let ip_tot: u16 = u16::from_be(ctx.load(ETH_HLEN + 2)?);
+    let data_len = (ip_tot as usize).saturating_sub(pkt.l4_off - ETH_HLEN + doff) as u32;
+    let mut tcp = TcpHdr { sport: pkt.dport, dport: pkt.sport, doff: 5 << 4, ..Default::default() };
+    if pkt.tcp_flags & TCP_ACK != 0 {
+        tcp.seq = ack.to_be();
+        tcp.flags = TCP_RST;
+    } else {
+        let syn_fin = (pkt.tcp_flags & TCP_SYN != 0) as u32 + (pkt.tcp_flags & TCP_FIN != 0) as u32;
+        tcp.ack = seq.wrapping_add(data_len + syn_fin).to_be();
+        tcp.flags = TCP_RST | TCP_ACK;
+    }
+    let mut sum = TcpWithPseudo {
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        proto: PROTO_TCP,
+        len: (size_of::<TcpHdr>() as u16).to_be(),
+        tcp,
+        ..Default::default()
+    };
+    tcp.check = checksum(&mut sum);
+    let ip = ipv4_reply(pkt, PROTO_TCP, size_of::<TcpHdr>());
+    ctx.change_tail((ETH_HLEN + size_of::<Ipv4Hdr>() + size_of::<TcpHdr>()) as u32, 0)?;
+    reply_ethernet(ctx)?;
+    ctx.store(ETH_HLEN, &ip, 0)?;
+    ctx.store(ETH_HLEN + size_of::<Ipv4Hdr>(), &tcp, 0)
+}
+
+/// An ICMP port unreachable quoting `pkt`'s IP header (without options) and first 8 L4 bytes.
+#[inline(always)]
+fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
+    let mut icmp = IcmpUnreach {
+        kind: ICMP_DEST_UNREACH,
+        code: ICMP_PORT_UNREACH,
+        quote_ip: ctx.load(ETH_HLEN)?,
+        quote_l4: ctx.load(pkt.l4_off)?,
+        ..Default::default()
+    };
+    icmp.check = checksum(&mut icmp);
+    let ip = ipv4_reply(pkt, IPPROTO_ICMP, size_of::<IcmpUnreach>());
+    ctx.change_tail((ETH_HLEN + size_of::<Ipv4Hdr>() + size_of::<IcmpUnreach>()) as u32, 0)?;
+    reply_ethernet(ctx)?;
+    ctx.store(ETH_HLEN, &ip, 0)?;
+    ctx.store(ETH_HLEN + size_of::<Ipv4Hdr>(), &icmp, 0)
+}
+
+/// Answers `pkt` with a RST or ICMP error and sends the answer back out of the ingress interface.
+/// Packets that must not be answered (a RST; IP options, which the fixed-size quote would cut) are
+/// dropped under `drop_no_endpoints`.
+#[inline(always)]
+pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
+    let built = if pkt.proto == PROTO_TCP {
+        if pkt.tcp_flags & TCP_RST != 0 {
+            return Err(STAT_DROP_NO_ENDPOINTS);
+        }
+        tcp_reset(ctx, pkt)
+    } else {
+        if pkt.l4_off != ETH_HLEN + size_of::<Ipv4Hdr>() {
+            return Err(STAT_DROP_NO_ENDPOINTS);
+        }
+        icmp_port_unreachable(ctx, pkt)
+    };
+    built.map_err(|_| STAT_DROP_NO_ENDPOINTS)?;
+    stats::count(STAT_REJECT);
+    let ifindex = unsafe { (*(ctx.as_ptr() as *const aya_ebpf::bindings::__sk_buff)).ifindex };
+    unsafe { bpf_redirect(ifindex, 0) };
+    Ok(TC_ACT_REDIRECT as i32)
+}

@@ -1,0 +1,402 @@
+//! BPF_PROG_TEST_RUN tests of the NAT pieces: REJECT answers (TCP RST, ICMP port unreachable) with
+//! valid checksums, SNAT source-port allocation under collisions, reverse SNAT, expiry of SNAT ports
+//! and of session affinity, SCTP checksum after a port rewrite. Needs root.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+};
+
+use aya::{
+    maps::{HashMap, MapData},
+    programs::{TestRun as _, TestRunOptions},
+};
+use ebpf_proxy::{
+    config::NodeArgs,
+    datapath::{PROG_FROM_NETDEV, PROG_FROM_POD},
+    trace::{TraceDatapath, sctp_crc32c, sctp_init},
+};
+use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
+use proxy_common::{
+    Affinity, AffinityKey, CT_DIR_REPLY, CT_F_SNAT, CT_STATE_ESTABLISHED, CtEntry, CtKey, PROTO_TCP, STAT_CT_NEW,
+    STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT,
+    STAT_REJECT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SNAT_COLLISION, addr_to_map, port_to_map,
+};
+use tests::packets::{self, MAC_A, MAC_B, inspect};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+const POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 5), 40_000);
+const EXTERNAL: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 50_000);
+const REMOTE_BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 7), 8080);
+const NODE_PORT: u16 = 30_080;
+const SNAT_PORTS: (u16, u16) = (61_000, 61_003);
+
+const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: remote, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, nodePort: 30080, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: remote-1, namespace: default, labels: {kubernetes.io/service-name: remote}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [10.244.2.7], nodeName: node-b, conditions: {ready: true}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  clusterIP: 10.96.0.30
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 10}}
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky-1, namespace: default, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - {addresses: [10.244.1.2], nodeName: node-a, conditions: {ready: true}}
+  - {addresses: [10.244.1.3], nodeName: node-a, conditions: {ready: true}}
+  - {addresses: [10.244.1.4], nodeName: node-a, conditions: {ready: true}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local-only, namespace: default}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  clusterIP: 10.96.0.40
+  ports: [{name: http, port: 80, nodePort: 30040, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-only-1, namespace: default, labels: {kubernetes.io/service-name: local-only}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [10.244.2.8], nodeName: node-b, conditions: {ready: true}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sctp, namespace: default}
+spec:
+  clusterIP: 10.96.0.50
+  ports: [{name: s, port: 53, protocol: SCTP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sctp-1, namespace: default, labels: {kubernetes.io/service-name: sctp}}
+addressType: IPv4
+ports: [{name: s, port: 5353, protocol: SCTP}]
+endpoints: [{addresses: [10.244.1.2], nodeName: node-a, conditions: {ready: true}}]
+"#;
+
+struct Bed {
+    tdp: TraceDatapath,
+    ct: HashMap<MapData, CtKey, CtEntry>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sa(ip: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(ip), port)
+}
+
+impl Bed {
+    fn new() -> Self {
+        assert!(nix::unistd::Uid::effective().is_root(), "BPF_PROG_TEST_RUN tests need root");
+        let dir =
+            std::env::temp_dir().join(format!("epx-nat-{}-{:?}", std::process::id(), std::thread::current().id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("objects.yaml"), OBJECTS).unwrap();
+        let node = NodeArgs {
+            node_name: "node-a".into(),
+            node_ips: vec![NODE_IP],
+            cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+            service_cidr: Some("10.96.0.0/16".parse().unwrap()),
+            ..Default::default()
+        };
+        let mut tdp = TraceDatapath::with_snat_ports(&dir.join("objects.yaml"), &node, SNAT_PORTS).expect("datapath");
+        let ct = tdp.dp.conntrack().expect("conntrack");
+        Self { tdp, ct, _dir: TempDir(dir) }
+    }
+
+    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog = self.tdp.dp.classifier(prog).unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+            .expect("test_run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// Runs a frame; asserts the action and exactly which counters moved (with how much).
+    fn expect(&self, prog: &str, frame: &[u8], action: u32, moved: &[(u32, u64)]) -> Vec<u8> {
+        let before = self.tdp.dp.read_stats().unwrap();
+        let (ret, out) = self.run(prog, frame);
+        let after = self.tdp.dp.read_stats().unwrap();
+        assert_eq!(ret, action, "action");
+        let changed: Vec<(u32, u64)> =
+            (0..before.len()).filter(|&i| after[i] != before[i]).map(|i| (i as u32, after[i] - before[i])).collect();
+        assert_eq!(changed, moved, "counters that moved");
+        out
+    }
+
+    /// A live reply entry that holds SNAT port `port` towards `backend`.
+    fn occupy(&mut self, backend: SocketAddrV4, port: u16, last_seen_ns: u64) {
+        let key = ct_key(backend, SocketAddrV4::new(NODE_IP, port), CT_DIR_REPLY);
+        let entry = CtEntry { last_seen_ns, state: CT_STATE_ESTABLISHED, flags: CT_F_SNAT, ..Default::default() };
+        self.ct.insert(&key, &entry, 0).unwrap();
+    }
+}
+
+fn ct_key(s: SocketAddrV4, d: SocketAddrV4, dir: u8) -> CtKey {
+    CtKey {
+        saddr: addr_to_map(s.ip().octets()),
+        daddr: addr_to_map(d.ip().octets()),
+        sport: port_to_map(s.port()),
+        dport: port_to_map(d.port()),
+        proto: PROTO_TCP,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// CLOCK_MONOTONIC now, as bpf_ktime_get_ns() reads it.
+fn now_ns() -> u64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to write to.
+    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) }, 0);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+fn tcp_header(frame: &[u8]) -> etherparse::TcpHeader {
+    match SlicedPacket::from_ethernet(frame).unwrap().transport {
+        Some(TransportSlice::Tcp(t)) => t.to_header(),
+        other => panic!("not TCP: {other:?}"),
+    }
+}
+
+#[test]
+fn syn_to_a_service_without_endpoints_is_answered_with_a_valid_rst() {
+    let bed = Bed::new();
+    let vip = sa([10, 96, 0, 20], 80);
+    let syn = packets::tcp(POD, vip, true, false, b"hello");
+    let out = bed.expect(PROG_FROM_POD, &syn, TC_ACT_REDIRECT, &[(STAT_REJECT, 1)]);
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.dst), (vip, POD), "RST goes back to the client from the Service address");
+    assert!(seen.ip_checksum_ok && seen.l4_checksum_ok == Some(true), "{seen:?}");
+    assert_eq!((&out[0..6], &out[6..12]), (&MAC_A[..], &MAC_B[..]), "Ethernet addresses swapped");
+    let tcp = tcp_header(&out);
+    assert!(tcp.rst && tcp.ack && !tcp.syn, "{tcp:?}");
+    // packets::tcp uses sequence number 1000; SYN and 5 data bytes are acknowledged.
+    assert_eq!((tcp.sequence_number, tcp.acknowledgment_number), (0, 1000 + 1 + 5));
+    assert_eq!(out.len(), 14 + 20 + 20, "no payload in the RST");
+
+    // Mid-stream (ACK set, no conntrack entry): RST with the peer's ACK as sequence number, no ACK.
+    let ack = packets::tcp(POD, vip, false, true, b"x");
+    let tcp = tcp_header(&bed.expect(PROG_FROM_POD, &ack, TC_ACT_REDIRECT, &[(STAT_REJECT, 1)]));
+    assert!(tcp.rst && !tcp.ack, "{tcp:?}");
+    assert_eq!(tcp.sequence_number, 1, "packets::tcp acknowledges 1");
+}
+
+#[test]
+fn udp_to_a_service_without_endpoints_gets_icmp_port_unreachable() {
+    let bed = Bed::new();
+    let vip = sa([10, 96, 0, 20], 53);
+    let dgram = packets::udp(POD, vip, b"query");
+    let out = bed.expect(PROG_FROM_POD, &dgram, TC_ACT_REDIRECT, &[(STAT_REJECT, 1)]);
+    let sliced = SlicedPacket::from_ethernet(&out).unwrap();
+    let Some(NetSlice::Ipv4(ip)) = &sliced.net else { panic!("not IPv4") };
+    let h = ip.header().to_header();
+    assert_eq!(h.calc_header_checksum(), h.header_checksum, "IP checksum");
+    assert_eq!((Ipv4Addr::from(h.source), Ipv4Addr::from(h.destination)), (*vip.ip(), *POD.ip()));
+    let Some(TransportSlice::Icmpv4(icmp)) = sliced.transport else { panic!("not ICMP") };
+    assert!(matches!(icmp.icmp_type(), Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)));
+    let header = icmp.header();
+    assert_eq!(header.checksum, header.icmp_type.calc_checksum(icmp.payload()), "ICMP checksum");
+    // The quote: the original IP header and the first 8 bytes of UDP.
+    assert_eq!(icmp.payload(), &dgram[14..14 + 28]);
+}
+
+#[test]
+fn wrong_port_on_a_cluster_ip_is_rejected_and_unallocated_service_addresses_dropped() {
+    let bed = Bed::new();
+    let wrong_port = packets::tcp(POD, sa([10, 96, 0, 10], 81), true, false, &[]);
+    bed.expect(PROG_FROM_POD, &wrong_port, TC_ACT_REDIRECT, &[(STAT_REJECT, 1)]);
+    let unallocated = packets::tcp(POD, sa([10, 96, 7, 7], 80), true, false, &[]);
+    bed.expect(PROG_FROM_POD, &unallocated, TC_ACT_SHOT, &[(STAT_DROP_UNALLOCATED_SERVICE_IP, 1)]);
+}
+
+#[test]
+fn external_to_a_remote_backend_is_masqueraded_and_replies_reverse_translated() {
+    let bed = Bed::new();
+    let node_port = SocketAddrV4::new(NODE_IP, NODE_PORT);
+    let syn = packets::tcp(EXTERNAL, node_port, true, false, &[]);
+    let out =
+        bed.expect(PROG_FROM_NETDEV, &syn, TC_ACT_OK, &[(STAT_FORWARD_DNAT, 1), (STAT_CT_NEW, 1), (STAT_SNAT, 1)]);
+    let seen = inspect(&out);
+    assert_eq!(seen.dst, REMOTE_BACKEND);
+    assert_eq!(*seen.src.ip(), NODE_IP, "source masqueraded to the node");
+    assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&seen.src.port()), "{seen:?}");
+    assert!(seen.ip_checksum_ok && seen.l4_checksum_ok == Some(true), "{seen:?}");
+
+    // The backend's reply comes back to the node: client and NodePort restored.
+    let reply = packets::tcp(REMOTE_BACKEND, seen.src, true, true, b"ok");
+    let back = inspect(&bed.expect(PROG_FROM_NETDEV, &reply, TC_ACT_OK, &[(STAT_REVERSE_NAT, 1)]));
+    assert_eq!((back.src, back.dst), (node_port, EXTERNAL));
+    assert!(back.ip_checksum_ok && back.l4_checksum_ok == Some(true), "{back:?}");
+
+    // The same client port again is the same connection: same translation, no new SNAT.
+    let again = inspect(&bed.expect(PROG_FROM_NETDEV, &syn, TC_ACT_OK, &[(STAT_FORWARD_DNAT, 1)]));
+    assert_eq!(again.src, seen.src);
+
+    // A pod on this node keeps its source (the reply returns through this node anyway).
+    let from_pod = inspect(&bed.expect(
+        PROG_FROM_POD,
+        &packets::tcp(POD, node_port, true, false, &[]),
+        TC_ACT_OK,
+        &[(STAT_FORWARD_DNAT, 1), (STAT_CT_NEW, 1)],
+    ));
+    assert_eq!((from_pod.src, from_pod.dst), (POD, REMOTE_BACKEND));
+}
+
+#[test]
+fn snat_ports_in_use_are_skipped_and_exhaustion_is_a_counted_drop() {
+    let mut bed = Bed::new();
+    let now = now_ns();
+    // Three of the four ports are held by live connections to the same backend.
+    for port in SNAT_PORTS.0..SNAT_PORTS.1 {
+        bed.occupy(REMOTE_BACKEND, port, now);
+    }
+    let node_port = SocketAddrV4::new(NODE_IP, NODE_PORT);
+    let mut collisions = 0;
+    let before = bed.tdp.dp.read_stats().unwrap()[STAT_SNAT_COLLISION as usize];
+    let out = bed.run(PROG_FROM_NETDEV, &packets::tcp(EXTERNAL, node_port, true, false, &[]));
+    assert_eq!(out.0, TC_ACT_OK);
+    assert_eq!(inspect(&out.1).src, SocketAddrV4::new(NODE_IP, SNAT_PORTS.1), "the one free port");
+    collisions += bed.tdp.dp.read_stats().unwrap()[STAT_SNAT_COLLISION as usize] - before;
+    assert!(collisions <= 3, "at most the three taken ports collide ({collisions})");
+
+    // Now all four are taken: a new client is dropped, counted, after trying every port.
+    let other = SocketAddrV4::new(*EXTERNAL.ip(), 50_001);
+    bed.expect(
+        PROG_FROM_NETDEV,
+        &packets::tcp(other, node_port, true, false, &[]),
+        TC_ACT_SHOT,
+        &[(STAT_SNAT_COLLISION, u64::from(proxy_common::SNAT_RETRIES)), (STAT_DROP_SNAT_EXHAUSTED, 1)],
+    );
+
+    // Ports of expired connections are free again: make the entries old (past the 24h TCP lifetime
+    // is not needed — a closing entry lives 60 s).
+    for port in SNAT_PORTS.0..=SNAT_PORTS.1 {
+        let key = ct_key(REMOTE_BACKEND, SocketAddrV4::new(NODE_IP, port), CT_DIR_REPLY);
+        let mut e = bed.ct.get(&key, 0).unwrap();
+        e.state = proxy_common::CT_STATE_CLOSING;
+        e.last_seen_ns = now.saturating_sub(61_000_000_000);
+        bed.ct.insert(&key, &e, 0).unwrap();
+    }
+    assert!(now > 61_000_000_000, "needs an uptime over 61 s to fake old entries");
+    let out = bed.run(PROG_FROM_NETDEV, &packets::tcp(other, node_port, true, false, &[]));
+    assert_eq!(out.0, TC_ACT_OK, "an expired port is reused");
+}
+
+#[test]
+fn external_traffic_policy_local_without_local_endpoints_drops_but_pods_short_circuit() {
+    let bed = Bed::new();
+    let node_port = SocketAddrV4::new(NODE_IP, 30_040);
+    bed.expect(
+        PROG_FROM_NETDEV,
+        &packets::tcp(EXTERNAL, node_port, true, false, &[]),
+        TC_ACT_SHOT,
+        &[(STAT_DROP_NO_LOCAL_ENDPOINTS, 1)],
+    );
+    let out = inspect(&bed.run(PROG_FROM_POD, &packets::tcp(POD, node_port, true, false, &[])).1);
+    assert_eq!((out.src, out.dst), (POD, sa([10, 244, 2, 8], 8080)));
+}
+
+fn affinity_key(client: Ipv4Addr, service_id: u32) -> AffinityKey {
+    AffinityKey { client: u64::from(addr_to_map(client.octets())), service_id, _pad: 0 }
+}
+
+#[test]
+fn session_affinity_sticks_within_the_timeout_and_expires_after_it() {
+    let mut bed = Bed::new();
+    let vip = sa([10, 96, 0, 30], 80);
+    let fe = bed.tdp.desired.frontends.iter().find(|(k, _)| k.addr == addr_to_map(vip.ip().octets())).unwrap().1;
+    let service_id = fe.service_id;
+    let dst_of = |bed: &Bed, client: SocketAddrV4| {
+        inspect(&bed.run(PROG_FROM_POD, &packets::tcp(client, vip, true, false, &[])).1).dst
+    };
+    // One client, many connections: one backend.
+    let first = dst_of(&bed, POD);
+    for port in 1..30 {
+        assert_eq!(dst_of(&bed, SocketAddrV4::new(*POD.ip(), 40_000 + port)), first, "sticks");
+    }
+    // Many clients spread over the backends.
+    let spread: std::collections::BTreeSet<_> =
+        (1..60u8).map(|i| dst_of(&bed, SocketAddrV4::new(Ipv4Addr::new(10, 244, 3, i), 40_000))).collect();
+    assert_eq!(spread.len(), 3, "{spread:?}");
+
+    // An entry older than timeoutSeconds (10 s) is not followed: over 20 tries a stale entry pointing
+    // at one backend must not always win (chance (1/3)^20 if expiry were honoured and still all hit).
+    let key = affinity_key(*POD.ip(), service_id);
+    let pinned = bed.tdp.affinity.get(&key, 0).unwrap();
+    let stale = Affinity { last_used_ns: now_ns() - 11_000_000_000, ..pinned };
+    let mut moved = 0;
+    for port in 0..20 {
+        bed.tdp.affinity.insert(&key, &stale, 0).unwrap();
+        if dst_of(&bed, SocketAddrV4::new(*POD.ip(), 41_000 + port)) != first {
+            moved += 1;
+        }
+    }
+    assert!(moved > 0, "expired affinity was still followed");
+    // A fresh entry is followed every time.
+    for port in 0..20 {
+        bed.tdp.affinity.insert(&key, &Affinity { last_used_ns: now_ns(), ..pinned }, 0).unwrap();
+        assert_eq!(dst_of(&bed, SocketAddrV4::new(*POD.ip(), 42_000 + port)), first);
+    }
+}
+
+#[test]
+fn sctp_port_rewrite_recomputes_the_crc32c() {
+    // RFC 3720 B.4 test vector: 32 zero bytes.
+    assert_eq!(sctp_crc32c(&[0u8; 32]), 0x8A91_36AA);
+    let bed = Bed::new();
+    let vip = sa([10, 96, 0, 50], 53);
+    let frame =
+        ebpf_proxy::trace::build_packet(ebpf_proxy::trace::TraceProto::Sctp, *POD.ip(), POD.port(), vip).unwrap();
+    assert_eq!(&frame[34..], &sctp_init(POD.port(), 53)[..]);
+    let out = bed.expect(PROG_FROM_POD, &frame, TC_ACT_OK, &[(STAT_FORWARD_DNAT, 1), (STAT_CT_NEW, 1)]);
+    let sctp = &out[34..];
+    assert_eq!(u16::from_be_bytes([sctp[2], sctp[3]]), 5353, "destination port rewritten");
+    assert_eq!(&out[30..34], &[10, 244, 1, 2], "destination address rewritten");
+    let mut zeroed = sctp.to_vec();
+    zeroed[8..12].fill(0);
+    assert_eq!(u32::from_le_bytes(sctp[8..12].try_into().unwrap()), sctp_crc32c(&zeroed), "CRC32c valid");
+}
