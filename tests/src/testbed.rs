@@ -285,6 +285,23 @@ pub struct Node {
     pub proxy_log: PathBuf,
     /// Extra arguments for `ebpf-proxy run`.
     pub proxy_args: Vec<String>,
+    /// Objects and the proxy's log; removed last.
+    pub work: WorkDir,
+}
+
+/// A test's scratch directory, removed on drop. When the test is failing, the proxy log in it is
+/// printed first so the failure can be understood.
+pub struct WorkDir(pub PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Ok(log) = fs::read_to_string(self.0.join("proxy.log"))
+        {
+            eprintln!("--- ebpf-proxy log ({}) ---\n{log}", self.0.display());
+        }
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Node {
@@ -309,6 +326,7 @@ impl Node {
             ns,
             cgroup,
             bpffs,
+            work: WorkDir(work),
         };
         for i in 0..pods {
             node.add_pod(&format!("pod-{i}"))?;

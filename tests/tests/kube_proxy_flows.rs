@@ -16,6 +16,7 @@ use ebpf_proxy::{
 };
 use ipnet::Ipv4Net;
 use serde::Deserialize;
+use tests::testbed::WorkDir;
 
 #[derive(Deserialize)]
 struct Node {
@@ -86,8 +87,8 @@ fn run_flows(test: &str) -> usize {
         let flow: Flow = serde_yaml::from_str(&fs::read_to_string(file).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         assert_eq!(flow.test, test);
-        let dir = tempdir(test);
-        let objects = dir.join("objects.yaml");
+        let dir = WorkDir(tempdir(test));
+        let objects = dir.0.join("objects.yaml");
         fs::write(&objects, &flow.objects).unwrap();
         let node = NodeArgs {
             node_name: flow.node.name.clone(),
@@ -143,7 +144,6 @@ fn run_flows(test: &str) -> usize {
             }
             count += 1;
         }
-        let _ = fs::remove_dir_all(&dir);
     }
     assert!(failures.is_empty(), "{} of {count} cases of {test} differ:\n{}", failures.len(), failures.join("\n"));
     eprintln!("{test}: {count} kube-proxy packet-flow cases pass");

@@ -5,7 +5,6 @@
 use std::{
     fs,
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
 };
 
 use aya::{
@@ -23,7 +22,10 @@ use proxy_common::{
     STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT,
     STAT_REJECT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SNAT_COLLISION, addr_to_map, port_to_map,
 };
-use tests::packets::{self, MAC_A, MAC_B, inspect};
+use tests::{
+    packets::{self, MAC_A, MAC_B, inspect},
+    testbed::WorkDir,
+};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -112,14 +114,7 @@ endpoints: [{addresses: [10.244.1.2], nodeName: node-a, conditions: {ready: true
 struct Bed {
     tdp: TraceDatapath,
     ct: HashMap<MapData, CtKey, CtEntry>,
-    _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+    _dir: WorkDir,
 }
 
 fn sa(ip: [u8; 4], port: u16) -> SocketAddrV4 {
@@ -142,7 +137,7 @@ impl Bed {
         };
         let mut tdp = TraceDatapath::with_snat_ports(&dir.join("objects.yaml"), &node, SNAT_PORTS).expect("datapath");
         let ct = tdp.dp.conntrack().expect("conntrack");
-        Self { tdp, ct, _dir: TempDir(dir) }
+        Self { tdp, ct, _dir: WorkDir(dir) }
     }
 
     fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
