@@ -22,20 +22,20 @@ const TCP_MIN_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const SCTP_COMMON_HLEN: usize = 12;
 
-/// The fixed part of the IPv4 header, as on the wire.
+/// The fixed part of the IPv4 header, as on the wire (also what `reject` writes).
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv4Fixed {
-    version_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
+#[derive(Clone, Copy, Default)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
 }
 
 /// What the datapath needs to know about an IPv4 TCP/UDP/SCTP packet. Addresses and ports in network
@@ -85,7 +85,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
     if h_proto != ETH_P_IP {
         return Ok(None);
     }
-    let ip: Ipv4Fixed = ctx.load(ETH_HLEN).map_err(|_| STAT_DROP_MALFORMED_IPV4)?;
+    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| STAT_DROP_MALFORMED_IPV4)?;
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
     let tot_len = u16::from_be(ip.tot_len) as usize;
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || tot_len < ihl || (ctx.len() as usize) < ETH_HLEN + tot_len {

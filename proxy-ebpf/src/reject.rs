@@ -11,7 +11,7 @@ use aya_ebpf::{
 use proxy_common::{PROTO_TCP, STAT_DROP_NO_ENDPOINTS, STAT_REJECT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
-    packet::{ETH_HLEN, Packet},
+    packet::{ETH_HLEN, Ipv4Hdr, Packet},
     stats,
 };
 
@@ -21,21 +21,6 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const IP_DF_BE: u16 = 0x4000u16.to_be();
 const REPLY_TTL: u8 = 64;
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
-}
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
