@@ -22,8 +22,12 @@ pub struct NodeConfig {
     /// `NODE_F_*` bits.
     pub flags: u32,
     pub _pad: u32,
+    /// The node's own network namespace (`SO_NETNS_COOKIE`): connected UDP sockets there are
+    /// translated at connect(); pods' connected UDP sockets are left to the tc path, whose conntrack
+    /// entries are purged when their backend goes away (a translated connect() cannot be redone).
+    pub host_netns_cookie: u64,
 }
-assert_size!(NodeConfig, 32);
+assert_size!(NodeConfig, 40);
 
 pub const NODE_F_CLUSTER_CIDR: u32 = 1 << 0;
 pub const NODE_F_SERVICE_CIDR: u32 = 1 << 1;

@@ -33,6 +33,9 @@ pub const STAT_SNAT_COLLISION: u32 = 10;
 pub const STAT_AFFINITY_HIT: u32 = 11;
 /// socket LB: connect()/sendmsg() to a Service port without endpoints was refused at once.
 pub const STAT_SOCK_REJECT: u32 = 12;
+/// A pod's connect() on a UDP socket to a Service address, left to the tc path (see
+/// `NodeConfig::host_netns_cookie`).
+pub const STAT_SOCK_UDP_CONNECT_TO_TC: u32 = 13;
 
 /// Drop: IPv4 header truncated or invalid (version, IHL, total length).
 pub const STAT_DROP_MALFORMED_IPV4: u32 = 16;
@@ -79,6 +82,7 @@ pub const fn stat_name(index: u32) -> Option<&'static str> {
         STAT_SNAT_COLLISION => "snat_port_collision",
         STAT_AFFINITY_HIT => "affinity_hit",
         STAT_SOCK_REJECT => "sock_reject",
+        STAT_SOCK_UDP_CONNECT_TO_TC => "sock_udp_connect_left_to_tc",
         STAT_DROP_MALFORMED_IPV4 => "drop_malformed_ipv4",
         STAT_DROP_MALFORMED_L4 => "drop_malformed_l4",
         STAT_DROP_FRAGMENT => "drop_fragment",

@@ -12,13 +12,13 @@ use aya_ebpf::{
 use proxy_common::{
     Backend, CT_LIFETIME_OTHER_NS, FRONTEND_F_HAS_ENDPOINTS, FRONTEND_F_SOURCE_RANGES, Frontend, PROTO_TCP, PROTO_UDP,
     RevNat, STAT_SOCK_CONNECT, STAT_SOCK_NO_ENDPOINTS, STAT_SOCK_REJECT, STAT_SOCK_REV_NAT, STAT_SOCK_SENDMSG,
-    SockFlow, SockFlowKey, SockRevNatKey,
+    STAT_SOCK_UDP_CONNECT_TO_TC, SockFlow, SockFlowKey, SockRevNatKey,
 };
 
 use crate::{
     lb,
     maps::{SOCK_FLOWS, SOCK_REV_NAT},
-    stats,
+    node, stats,
 };
 
 const ALLOW: i32 = 1;
@@ -81,6 +81,13 @@ fn service_destination(sa: &bpf_sock_addr) -> Option<(u32, u16, u8, Frontend)> {
     Some((sa.user_ip4, port, proto, fe))
 }
 
+/// Whether the caller is in the node's own network namespace, where no tc program sees its packets.
+#[inline(always)]
+fn in_host_netns(ctx: &SockAddrContext) -> bool {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    node::config().is_some_and(|c| c.host_netns_cookie == netns)
+}
+
 #[inline(always)]
 fn cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
@@ -106,6 +113,14 @@ pub fn connect(ctx: &SockAddrContext) -> i32 {
     let Some((addr, port, proto, fe)) = service_destination(sa) else {
         return ALLOW;
     };
+    if proto == PROTO_UDP && !in_host_netns(ctx) {
+        // A connected UDP socket translated here would talk to its backend for as long as it
+        // lives, even after the backend is gone. Left untranslated, its datagrams go through the tc
+        // path, whose conntrack entries are purged with the backend (as kube-proxy flushes
+        // conntrack), so the next datagram finds a live one.
+        stats::count(STAT_SOCK_UDP_CONNECT_TO_TC);
+        return ALLOW;
+    }
     let be = match choose(ctx, &fe) {
         Choice::Backend(_, be) => be,
         other => return not_translated(&other),

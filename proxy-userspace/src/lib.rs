@@ -5,11 +5,13 @@
 
 pub mod config;
 pub mod datapath;
+pub mod health;
 pub mod links;
 pub mod model;
 pub mod objects;
 pub mod reconcile;
 pub mod run;
 pub mod source;
+pub mod stale;
 pub mod trace;
 pub mod translate;

@@ -2,12 +2,17 @@
 //! equal to the desired state built from the Kubernetes objects.
 
 use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
+use aya::maps::{HashMap, MapData};
 use clap::{ArgAction, Args};
+use proxy_common::{CtEntry, CtKey, SockFlow, SockFlowKey};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -16,11 +21,13 @@ use tokio::{
 use crate::{
     config::NodeArgs,
     datapath::{self, Datapath, MapMode, PROG_FROM_NETDEV, PROG_FROM_POD},
+    health::{self, ServiceHealth},
     links::{self, LinkEvent},
     model::{self, ModelOptions},
     objects::Objects,
     reconcile::{Reconciler, Tables},
     source,
+    stale::{self, FlowTarget},
     translate::{self, Ids, NodeContext},
 };
 
@@ -108,6 +115,24 @@ fn tc_program_for(args: &RunArgs, name: &str) -> Option<&'static str> {
     }
 }
 
+/// `SO_NETNS_COOKIE` (include/uapi/asm-generic/socket.h).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of this process's network namespace: the node's, when `run` is started as it should be.
+fn netns_cookie() -> Result<u64> {
+    let sock = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("creating a socket")?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &raw mut len)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
+}
+
 /// The state kept while running.
 struct Proxy {
     dp: Datapath,
@@ -117,10 +142,17 @@ struct Proxy {
     model_opts: ModelOptions,
     node: NodeArgs,
     snat_ports: (u16, u16),
+    host_netns_cookie: u64,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    sock_flows: HashMap<MapData, SockFlowKey, SockFlow>,
+    /// Serving UDP endpoints after the last sync; `None` before the first (which always checks, as
+    /// entries may be left from an earlier instance).
+    serving_udp: Option<BTreeSet<FlowTarget>>,
+    health: ServiceHealth,
 }
 
 impl Proxy {
-    fn apply(&mut self, objects: &Objects) {
+    async fn apply(&mut self, objects: &Objects) {
         let started = Instant::now();
         let model = model::build(objects, &self.model_opts);
         for e in &model.errors {
@@ -128,23 +160,64 @@ impl Proxy {
         }
         let mut node = NodeContext::new(&self.node, &model);
         node.snat_ports = self.snat_ports;
+        node.host_netns_cookie = self.host_netns_cookie;
         let (desired, notes) = translate::translate(&model, &node, &mut self.ids);
         for n in &notes {
             log::warn!("{n}");
         }
-        match self.reconciler.sync(&desired, &mut self.tables) {
-            Ok(s) => log::info!(
-                "synced {} service ports, {} frontends, {} backends: {} entries written, {} deleted in {:?}",
-                model.ports.len(),
-                desired.frontends.len(),
-                desired.backends.len(),
-                s.written,
-                s.deleted,
-                started.elapsed()
-            ),
+        let synced = match self.reconciler.sync(&desired, &mut self.tables) {
+            Ok(s) => {
+                log::info!(
+                    "synced {} service ports, {} frontends, {} backends: {} entries written, {} deleted in {:?}",
+                    model.ports.len(),
+                    desired.frontends.len(),
+                    desired.backends.len(),
+                    s.written,
+                    s.deleted,
+                    started.elapsed()
+                );
+                true
+            }
             // The mirror matches what was written; the next change or resync finishes the job.
-            Err(e) => log::error!("sync failed: {e:#}"),
+            Err(e) => {
+                log::error!("sync failed: {e:#}");
+                false
+            }
+        };
+        if synced {
+            let serving = stale::serving_udp(&model, &node, &desired);
+            if self.serving_udp.as_ref().is_none_or(|before| stale::lost_any(before, &serving)) {
+                match self.purge_stale_udp(&serving, &desired.backends) {
+                    Ok((0, 0)) => {}
+                    Ok((ct, sock)) => log::info!(
+                        "purged UDP flows to endpoints no longer serving: {ct} conntrack entries, {sock} socket flows"
+                    ),
+                    Err(e) => log::error!("purging stale UDP flows: {e:#}"),
+                }
+            }
+            self.serving_udp = Some(serving);
         }
+        self.health.sync(&health::wanted(&model, &self.node.node_name), synced).await;
+    }
+
+    /// Deletes conntrack entries and socket flows of UDP flows to endpoints no longer serving.
+    fn purge_stale_udp(
+        &mut self,
+        serving: &BTreeSet<FlowTarget>,
+        backends: &std::collections::BTreeMap<u32, proxy_common::Backend>,
+    ) -> Result<(usize, usize)> {
+        let ct: Vec<(CtKey, CtEntry)> = self.conntrack.iter().collect::<Result<_, _>>()?;
+        let stale_ct = stale::stale_conntrack(ct.iter().map(|(k, e)| (k, e)), serving);
+        for k in &stale_ct {
+            // Gone already (expired, evicted) is as good.
+            let _ = self.conntrack.remove(k);
+        }
+        let flows: Vec<(SockFlowKey, SockFlow)> = self.sock_flows.iter().collect::<Result<_, _>>()?;
+        let stale_flows = stale::stale_sock_flows(flows.iter().map(|(k, f)| (k, f)), backends, serving);
+        for k in &stale_flows {
+            let _ = self.sock_flows.remove(k);
+        }
+        Ok((stale_ct.len(), stale_flows.len()))
     }
 
     fn on_link(&mut self, event: LinkEvent, args: &RunArgs) {
@@ -187,8 +260,28 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if args.node.node_ips.is_empty() {
         log::warn!("no --node-ip: NodePorts are not served and traffic needing masquerade is dropped");
     }
-    let mut proxy =
-        Proxy { dp, tables, reconciler, ids, model_opts, node: args.node.clone(), snat_ports: args.snat_port_range };
+    let conntrack = dp.conntrack()?;
+    let sock_flows = HashMap::try_from(dp.take_map("SOCK_FLOWS")?)?;
+    // As kube-proxy: every address when NodePorts are served on all of them, else the matching ones.
+    let health_bind = if args.node.nodeport_addresses.is_empty() {
+        vec![Ipv4Addr::UNSPECIFIED]
+    } else {
+        NodeContext::new(&args.node, &model::Model::default()).nodeport_ips()
+    };
+    let mut proxy = Proxy {
+        dp,
+        tables,
+        reconciler,
+        ids,
+        model_opts,
+        node: args.node.clone(),
+        snat_ports: args.snat_port_range,
+        host_netns_cookie: netns_cookie()?,
+        conntrack,
+        sock_flows,
+        serving_udp: None,
+        health: ServiceHealth::new(health_bind),
+    };
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
     let link_task = tokio::spawn(async move {
@@ -205,7 +298,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             Some(event) = link_rx.recv() => proxy.on_link(event, &args),
             Some(objects) = obj_rx.recv() => {
-                proxy.apply(&objects);
+                proxy.apply(&objects).await;
                 if first_sync {
                     first_sync = false;
                     // The new programs are attached and the maps are programmed: an earlier instance's

@@ -49,6 +49,8 @@ pub struct NodeContext {
     pub service_cidr: Option<Ipv4Net>,
     pub masquerade_all: bool,
     pub snat_ports: (u16, u16),
+    /// The node's network namespace cookie (`SO_NETNS_COOKIE`); 0 when unknown.
+    pub host_netns_cookie: u64,
 }
 
 impl NodeContext {
@@ -63,6 +65,7 @@ impl NodeContext {
             service_cidr: args.service_cidr,
             masquerade_all: args.masquerade_all,
             snat_ports: (DEFAULT_SNAT_PORT_MIN, DEFAULT_SNAT_PORT_MAX),
+            host_netns_cookie: 0,
         }
     }
 
@@ -80,6 +83,7 @@ impl NodeContext {
             snat_port_min: self.snat_ports.0,
             snat_port_max: self.snat_ports.1,
             flags: NODE_F_CONFIGURED,
+            host_netns_cookie: self.host_netns_cookie,
             ..Default::default()
         };
         if let Some(net) = self.cluster_cidr {

@@ -7,9 +7,11 @@ use std::{
 
 use ebpf_proxy::{
     config::NodeArgs,
+    health,
     model::{self, ModelOptions},
     objects::{self, Objects},
     reconcile::{Reconciler, Table, Tables},
+    stale,
     translate::{self, DesiredMaps, Ids, NodeContext},
 };
 use proxy_common::{FrontendKey, PROTO_TCP, PROTO_UDP, addr_to_map, port_to_map};
@@ -324,4 +326,57 @@ fn load_balancer_ips_source_ranges_and_proxy_mode_ingress() {
     for want in [(25, [203, 0, 113, 0]), (24, [192, 168, 0, 0]), (32, [192, 168, 1, 2]), (32, [198, 51, 100, 9])] {
         assert!(ranges.contains(&want), "{want:?} missing from {ranges:?}");
     }
+}
+
+#[test]
+fn health_check_ports_count_local_ready_endpoints_over_all_ports() {
+    let svc_yaml = |name: &str, n: u8, etp: &str, hc: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {{type: LoadBalancer, clusterIP: 10.96.0.{n}, externalTrafficPolicy: {etp}, {hc} ports: [{{name: a, port: 80, nodePort: 3008{n}}}, {{name: b, port: 81, nodePort: 3009{n}}}]}}\n---\n"
+        )
+    };
+    let eps = [
+        endpoint("10.0.1.1", "node-a", true, true, false, ""),
+        endpoint("10.0.1.2", "node-a", false, true, true, ""),
+        endpoint("10.0.2.1", "node-b", true, true, false, ""),
+    ]
+    .join(", ");
+    let yaml = [
+        svc_yaml("local", 1, "Local", "healthCheckNodePort: 32000,"),
+        slice("local-1", "local", "[{name: a, port: 8080}, {name: b, port: 8081}]", &format!("[{eps}]")),
+        svc_yaml("empty", 2, "Local", "healthCheckNodePort: 32001,"),
+        svc_yaml("cluster", 3, "Cluster", ""),
+        slice("cluster-1", "cluster", "[{name: a, port: 8080}]", &format!("[{eps}]")),
+    ]
+    .concat();
+    let m = model::build(&objects(&yaml), &ModelOptions::default());
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    let w = health::wanted(&m, "node-a");
+    let name = |n: &str| health::ServiceName { namespace: "ns".into(), name: n.into() };
+    // Two ports × one local ready endpoint (the terminating one and node-b's do not count).
+    assert_eq!(w.get(&name("local")), Some(&(32000, 2)));
+    assert_eq!(w.get(&name("empty")), Some(&(32001, 0)));
+    assert_eq!(w.len(), 2, "eTP Cluster has no health check: {w:?}");
+}
+
+#[test]
+fn serving_udp_endpoints_are_listed_per_frontend() {
+    let eps = [
+        endpoint("10.0.1.1", "node-a", true, true, false, ""),
+        endpoint("10.0.1.2", "node-a", false, true, true, ""),
+        endpoint("10.0.1.3", "node-a", false, false, false, ""),
+    ]
+    .join(", ");
+    let yaml = [
+        svc("dns", "10.96.0.10", "[{name: u, port: 53, protocol: UDP}, {name: t, port: 53, protocol: TCP}]"),
+        slice("dns-1", "dns", "[{name: u, port: 5353, protocol: UDP}, {name: t, port: 5353}]", &format!("[{eps}]")),
+    ]
+    .concat();
+    let (m, d) = build(&yaml);
+    let serving = stale::serving_udp(&m, &node(&m), &d);
+    let id = d.frontends[&fe([10, 96, 0, 10], 53, PROTO_UDP)].service_id;
+    let want: std::collections::BTreeSet<_> =
+        [[10, 0, 1, 1], [10, 0, 1, 2]].iter().map(|a| (id, addr_to_map(*a), port_to_map(5353))).collect();
+    // The serving terminating endpoint keeps its flows; the not-serving one and TCP are not listed.
+    assert_eq!(serving, want);
 }
