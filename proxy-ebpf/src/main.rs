@@ -4,6 +4,7 @@
 #![no_main]
 
 mod conntrack;
+mod fib;
 mod lb;
 mod maps;
 mod nat;

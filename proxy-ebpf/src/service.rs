@@ -14,7 +14,7 @@ use proxy_common::{
 
 use crate::{
     conntrack::{self, Translation},
-    lb,
+    fib, lb,
     maps::SERVICE_ADDRS,
     nat::{self, End},
     node,
@@ -39,10 +39,16 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
     let now = conntrack::now_ns();
     if let Some(reply) = conntrack::lookup_refresh(&conntrack::reply_key(&pkt), &pkt, now) {
         nat::rewrite(ctx, &pkt, End::Source, reply.nat_addr, reply.nat_port)?;
+        let mut daddr = pkt.daddr;
         if reply.flags & CT_F_SNAT != 0 {
             nat::rewrite(ctx, &pkt, End::Destination, reply.snat_addr, reply.snat_port)?;
+            daddr = reply.snat_addr;
         }
         stats::count(STAT_REVERSE_NAT);
+        // A NodePort's reply now comes from a node address: forwarded by us, not the input path.
+        if node::is_node_addr(reply.nat_addr) {
+            return Ok(fib::redirect_as_node(ctx, pkt.proto, reply.nat_addr, daddr));
+        }
         return Ok(TC_ACT_OK);
     }
     let Some(fe) = lb::frontend(pkt.daddr, pkt.dport, pkt.proto) else {
@@ -67,10 +73,12 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
         }
     };
     nat::rewrite(ctx, &pkt, End::Destination, t.nat_addr, t.nat_port)?;
+    stats::count(STAT_FORWARD_DNAT);
     if t.flags & CT_F_SNAT != 0 {
         nat::rewrite(ctx, &pkt, End::Source, t.snat_addr, t.snat_port)?;
+        // Masqueraded to a node address: forwarded by us, not the input path.
+        return Ok(fib::redirect_as_node(ctx, pkt.proto, t.snat_addr, t.nat_addr));
     }
-    stats::count(STAT_FORWARD_DNAT);
     Ok(TC_ACT_OK)
 }
 

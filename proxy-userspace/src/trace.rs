@@ -255,7 +255,9 @@ impl TraceDatapath {
             TC_ACT_REDIRECT if is_reject_answer(&out, src_in, dst_in) => {
                 Outcome { verdict: Verdict::Reject, dst: None, masquerade: false, reason: None }
             }
-            TC_ACT_OK => {
+            // REDIRECT with a translated packet: masqueraded to a node address and forwarded by the
+            // program itself (see proxy-ebpf's fib.rs).
+            TC_ACT_OK | TC_ACT_REDIRECT => {
                 let (src_out, dst_out) = endpoints_of(&out)?;
                 if dst_out != dst_in {
                     let masquerade = src_out != src_in && node_ips.contains(src_out.ip());

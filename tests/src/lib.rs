@@ -1,5 +1,6 @@
 //! Test support for ebpf-proxy: the network-namespace testbed and packet helpers.
 
+pub mod cluster;
 pub mod packets;
 pub mod testbed;
 
@@ -17,4 +18,12 @@ pub fn proxy_binary() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Moves the calling thread into a new, empty network namespace (freed when the thread ends).
+/// BPF_PROG_TEST_RUN runs a tc program as if the packet arrived on the caller's loopback, so the
+/// programs' FIB lookups would see the host's routes and forwarding setting; in an empty namespace
+/// they find nothing to forward to, and every run gives the same answer on every machine.
+pub fn isolate_thread_netns() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET) for the test thread");
 }

@@ -5,9 +5,9 @@
 //! namespace, cgroup, pin and process is removed on drop, also when a test panics.
 //!
 //! ```text
-//!   [node ns]  10.244.1.1 on every pod-facing veth (the pods' gateway), ip_forward=1, ebpf-proxy runs here
+//!   [node ns]  10.244.<k+1>.1 on every pod-facing veth (the pods' gateway), ip_forward=1, ebpf-proxy runs here
 //!     |  pv<id>0   |  pv<id>1   ...   host-side veths: the proxy's --pod-interface-name-prefix
-//!   [pod 0]      [pod 1]            eth0 10.244.1.<2+i>/32, default route via 10.244.1.1
+//!   [pod 0]      [pod 1]            eth0 10.244.<k+1>.<2+i>/32, default route via 10.244.1.1
 //! ```
 
 use std::{
@@ -26,9 +26,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
-/// The pods' CIDR on the node and the gateway address they route through.
+/// The cluster's pod network (`--cluster-cidr`); node k's pods are in 10.244.<k+1>.0/24.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
-pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 pub const NODE_NAME: &str = "node-a";
 /// The node's own address (on its loopback: this single-node bed has no external network).
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
@@ -244,6 +243,13 @@ impl Pod {
     }
 }
 
+impl Pod {
+    /// Stops the pod's nginx (a deleted pod's server going away).
+    pub fn stop_nginx(&mut self) {
+        self.nginx.take();
+    }
+}
+
 impl Drop for Pod {
     fn drop(&mut self) {
         self.nginx.take();
@@ -278,6 +284,11 @@ pub struct Node {
     proxy: Option<Proc>,
     pub pods: Vec<Pod>,
     pub id: String,
+    /// The node's name (EndpointSlices' `nodeName`), its index (pods get 10.244.<index+1>.0/24) and
+    /// its primary address.
+    pub name: String,
+    pub index: u8,
+    pub node_ip: Ipv4Addr,
     pub ns: Netns,
     pub cgroup: Cgroup,
     pub bpffs: BpffsDir,
@@ -305,20 +316,44 @@ impl Drop for WorkDir {
 }
 
 impl Node {
-    /// A node with `pods` pods named `pod-0`, `pod-1`, … at 10.244.1.2, .3, …
+    /// A single node with `pods` pods named `pod-0`, `pod-1`, … at 10.244.1.2, .3, … and its address
+    /// on its loopback (no external network).
     pub fn new(pods: usize) -> Result<Self> {
+        let node = Self::bare(NODE_NAME, 0, NODE_IP)?;
+        node.ns.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
+        node.with_pods(pods)
+    }
+
+    /// Adds `pods` pods named `pod-0`, `pod-1`, …
+    pub fn with_pods(mut self, pods: usize) -> Result<Self> {
+        for i in 0..pods {
+            self.add_pod(&format!("pod-{i}"))?;
+        }
+        Ok(self)
+    }
+
+    /// A node namespace without pods or addresses yet (see [`crate::cluster`] for nodes on a network).
+    pub fn bare(name: &str, index: u8, node_ip: Ipv4Addr) -> Result<Self> {
         require_privileges()?;
         let id = unique_id();
-        let ns = Netns::new(format!("epx-{id}-node"))?;
+        let ns = Netns::new(format!("epx-{id}-n{index}"))?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
-        ns.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
+        // A router, as a node is: no reverse-path filter or redirects getting in the way of Service
+        // traffic (set before any interface exists, so every one inherits it).
+        for key in ["all", "default"] {
+            ns.sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0")?;
+            ns.sysctl(&format!("net.ipv4.conf.{key}.send_redirects"), "0")?;
+        }
         let cgroup = Cgroup::new(&id)?;
         let bpffs = BpffsDir { path: Path::new(BPFFS_ROOT).join(format!("epx-test-{id}")) };
         let work = std::env::temp_dir().join(format!("epx-{id}"));
         fs::create_dir_all(work.join("objects"))?;
-        let mut node = Self {
+        Ok(Self {
             proxy: None,
             pods: Vec::new(),
+            name: name.into(),
+            index,
+            node_ip,
             objects_dir: work.join("objects"),
             proxy_log: work.join("proxy.log"),
             proxy_args: Vec::new(),
@@ -327,11 +362,17 @@ impl Node {
             cgroup,
             bpffs,
             work: WorkDir(work),
-        };
-        for i in 0..pods {
-            node.add_pod(&format!("pod-{i}"))?;
-        }
-        Ok(node)
+        })
+    }
+
+    /// The pods' gateway on this node (on every pod-facing veth).
+    pub fn pod_gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.index + 1, 1)
+    }
+
+    /// This node's pod CIDR.
+    pub fn pod_cidr(&self) -> String {
+        format!("10.244.{}.0/24", self.index + 1)
     }
 
     /// The prefix of this node's pod-facing interface names.
@@ -342,19 +383,20 @@ impl Node {
     /// Adds a pod (works while the proxy runs: it must attach to the new interface).
     pub fn add_pod(&mut self, name: &str) -> Result<&mut Pod> {
         let i = self.pods.len();
-        let ip = Ipv4Addr::new(10, 244, 1, 2 + i as u8);
+        let ip = Ipv4Addr::new(10, 244, self.index + 1, 2 + i as u8);
+        let gw = self.pod_gateway().to_string();
         let host_if = format!("{}{i}", self.pod_if_prefix());
         let ns = Netns::new(format!("epx-{}-p{i}", self.id))?;
         // Created inside the node namespace with the peer straight in the pod's: no end ever
         // exists in the root namespace.
         self.ns.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
-        self.ns.ip(&["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", &host_if])?;
+        self.ns.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
         self.ns.ip(&["link", "set", &host_if, "up"])?;
         self.ns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", &POD_GATEWAY.to_string(), "dev", "eth0", "scope", "link"])?;
-        ns.ip(&["route", "add", "default", "via", &POD_GATEWAY.to_string(), "dev", "eth0"])?;
+        ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
         let dir = self.objects_dir.parent().expect("work dir").join(name);
         fs::create_dir_all(&dir)?;
         self.pods.push(Pod { name: name.into(), ip, host_if, ns, nginx: None, dir });
@@ -386,17 +428,20 @@ impl Node {
             .arg(&self.cgroup.path)
             .args(["--socket-lb", if mode == LbMode::Socket { "true" } else { "false" }])
             .args(["--pod-interface-name-prefix", &self.pod_if_prefix()])
-            .args(["--cluster-cidr", CLUSTER_CIDR, "--node-name", NODE_NAME, "--node-ip", &NODE_IP.to_string()])
+            .args(["--cluster-cidr", CLUSTER_CIDR, "--node-name", &self.name, "--node-ip", &self.node_ip.to_string()])
             .args(&self.proxy_args)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)
             .stderr(log);
         self.proxy = Some(Proc::spawn(cmd, "ebpf-proxy")?);
         let want = self.pods.len();
+        let uplink = self.proxy_args.iter().any(|a| a == "--interfaces");
         let log_path = self.proxy_log.clone();
         wait_for(Duration::from_secs(20), || {
             let text = fs::read_to_string(&log_path).unwrap_or_default();
-            text.contains("ready") && text.matches("attached from_pod").count() >= want
+            text.contains("ready")
+                && text.matches("attached from_pod").count() >= want
+                && (!uplink || text.contains("attached from_netdev"))
         })
         .with_context(|| format!("ebpf-proxy did not become ready; log:\n{}", self.proxy_log_text()))
     }

@@ -124,6 +124,7 @@ fn sa(ip: [u8; 4], port: u16) -> SocketAddrV4 {
 impl Bed {
     fn new() -> Self {
         assert!(nix::unistd::Uid::effective().is_root(), "BPF_PROG_TEST_RUN tests need root");
+        tests::isolate_thread_netns();
         let dir =
             std::env::temp_dir().join(format!("epx-nat-{}-{:?}", std::process::id(), std::thread::current().id()));
         fs::create_dir_all(&dir).unwrap();

@@ -3,8 +3,11 @@
 //! `udp-echo serve NAME PORT`: answers each datagram with `pod=NAME client=ADDR:PORT`.
 //! `udp-echo ask ADDR:PORT COUNT [connect]`: sends COUNT requests (one socket; `connect` uses
 //! connect() + send(), otherwise sendto()), prints `from=SRC <answer>` per reply, fails on a timeout.
+//! `udp-echo stream ADDR:PORT`: one connected socket kept for the whole run; for every line on stdin
+//! sends one request and prints the answer, or `timeout` when none came within 500 ms.
 
 use std::{
+    io::{ErrorKind, Write as _},
     net::{SocketAddr, UdpSocket},
     time::Duration,
 };
@@ -43,8 +46,30 @@ fn main() -> std::io::Result<()> {
             }
             Ok(())
         }
+        Some("stream") => {
+            let to: SocketAddr = args[2].parse().expect("ADDR:PORT");
+            let sock = UdpSocket::bind("0.0.0.0:0")?;
+            sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+            sock.connect(to)?;
+            let mut buf = [0u8; 1500];
+            let mut out = std::io::stdout();
+            for line in std::io::stdin().lines() {
+                sock.send(line?.as_bytes())?;
+                // Answers to earlier, timed-out requests may still arrive: keep the newest.
+                let answer = match sock.recv(&mut buf) {
+                    Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => "timeout\n".into(),
+                    Err(e) => format!("error {e}\n"),
+                };
+                out.write_all(answer.as_bytes())?;
+                out.flush()?;
+            }
+            Ok(())
+        }
         _ => {
-            eprintln!("usage: udp-echo serve NAME PORT | udp-echo ask ADDR:PORT COUNT [connect]");
+            eprintln!(
+                "usage: udp-echo serve NAME PORT | udp-echo ask ADDR:PORT COUNT [connect] | udp-echo stream ADDR:PORT"
+            );
             std::process::exit(2)
         }
     }

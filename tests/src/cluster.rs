@@ -1,0 +1,180 @@
+//! A multi-node cluster in network namespaces: nodes on a shared network behind a router, an
+//! external client, each node running its own ebpf-proxy on its uplink. Reusable by the live tests
+//! and the benchmarks. Same safety rules as [`crate::testbed`]: nothing in the root namespace, every
+//! namespace, cgroup, pin and process removed on drop.
+//!
+//! ```text
+//!              [ext] eth0 203.0.113.2 (+ .3)            external client, default route via the router
+//!                |
+//!              [rtr] ext0 203.0.113.1, br0 192.168.0.1 + 172.16.9.1, ip_forward=1,
+//!             /    \      routes 10.244.<k+1>.0/24 via node k, LoadBalancer IPs via the node chosen
+//!   [node 0] eth0 192.168.0.2 + 172.16.9.2 (secondary)   [node 1] eth0 192.168.0.3 + 172.16.9.3  ...
+//!    pods 10.244.1.x                                       pods 10.244.2.x
+//! ```
+//! Nodes reach each other's pods directly over br0 (routes via the peer node, as host-gw networking).
+
+use std::{
+    net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::testbed::{LbMode, Netns, Node, run, unique_id};
+
+pub const ROUTER_NODE_NET: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
+pub const ROUTER_SECONDARY: Ipv4Addr = Ipv4Addr::new(172, 16, 9, 1);
+pub const ROUTER_EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The external client's two addresses (two clients, for source ranges).
+pub const EXT_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+pub const EXT_CLIENT_2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 3);
+/// The Service CIDR every proxy is told about.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+
+/// Node k's primary address.
+pub fn node_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 0, 2 + k as u8)
+}
+
+/// Node k's secondary address (another subnet on the same uplink).
+pub fn secondary_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 16, 9, 2 + k as u8)
+}
+
+/// Node names: node-a, node-b, …
+pub fn node_name(k: usize) -> String {
+    format!("node-{}", (b'a' + k as u8) as char)
+}
+
+/// The cluster. Field order is drop order: nodes (proxies, pods) first, then the client and router.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub ext: Netns,
+    pub router: Netns,
+}
+
+impl Cluster {
+    /// `nodes` nodes with `pods_per_node` pods each (`pod-0`, … on every node; pod IPs differ).
+    pub fn new(nodes: usize, pods_per_node: usize) -> Result<Self> {
+        let id = unique_id();
+        let router = Netns::new(format!("epx-{id}-rtr"))?;
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+        for key in ["all", "default"] {
+            router.sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0")?;
+        }
+        router.ip(&["link", "add", "br0", "type", "bridge"])?;
+        router.ip(&["addr", "add", &format!("{ROUTER_NODE_NET}/24"), "dev", "br0"])?;
+        router.ip(&["addr", "add", &format!("{ROUTER_SECONDARY}/24"), "dev", "br0"])?;
+        router.ip(&["link", "set", "br0", "up"])?;
+
+        let ext = Netns::new(format!("epx-{id}-ext"))?;
+        // Made in the router namespace with the peer straight in the client's: nothing in the root one.
+        router.ip(&["link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns", &ext.name])?;
+        router.ip(&["addr", "add", &format!("{ROUTER_EXT}/24"), "dev", "ext0"])?;
+        router.ip(&["link", "set", "ext0", "up"])?;
+        for a in [EXT_CLIENT, EXT_CLIENT_2] {
+            ext.ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+        }
+        ext.ip(&["link", "set", "eth0", "up"])?;
+        ext.ip(&["route", "add", "default", "via", &ROUTER_EXT.to_string()])?;
+
+        let mut cluster = Self { nodes: Vec::new(), ext, router };
+        for k in 0..nodes {
+            let node = Node::bare(&node_name(k), k as u8, node_ip(k))?;
+            let port = format!("n{k}");
+            node.ns.ip(&[
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &cluster.router.name,
+            ])?;
+            cluster.router.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            node.ns.ip(&["addr", "add", &format!("{}/24", node_ip(k)), "dev", "eth0"])?;
+            node.ns.ip(&["addr", "add", &format!("{}/24", secondary_ip(k)), "dev", "eth0"])?;
+            node.ns.ip(&["link", "set", "eth0", "up"])?;
+            node.ns.ip(&["route", "add", "default", "via", &ROUTER_NODE_NET.to_string()])?;
+            cluster.router.ip(&["route", "add", &node.pod_cidr(), "via", &node_ip(k).to_string()])?;
+            cluster.nodes.push(node.with_pods(pods_per_node)?);
+        }
+        for (k, node) in cluster.nodes.iter().enumerate() {
+            for (j, other) in cluster.nodes.iter().enumerate().filter(|(j, _)| *j != k) {
+                node.ns.ip(&["route", "add", &other.pod_cidr(), "via", &node_ip(j).to_string()])?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Starts every node's proxy: the uplink as its external interface, both node addresses, the
+    /// Service CIDR; `extra` appended.
+    pub fn start_proxies(&mut self, binary: &std::path::Path, mode: LbMode, extra: &[&str]) -> Result<()> {
+        for (k, node) in self.nodes.iter_mut().enumerate() {
+            node.proxy_args = ["--interfaces", "eth0", "--node-ip", &secondary_ip(k).to_string()]
+                .iter()
+                .chain(&["--service-cidr", SERVICE_CIDR])
+                .chain(extra)
+                .map(|s| s.to_string())
+                .collect();
+            node.start_proxy(binary, mode).with_context(|| format!("proxy on {}", node.name))?;
+        }
+        Ok(())
+    }
+
+    /// Writes one objects file on every node (each proxy reads the same API objects).
+    pub fn write_objects(&self, file: &str, yaml: &str) -> Result<()> {
+        self.nodes.iter().try_for_each(|n| n.write_objects(file, yaml))
+    }
+
+    /// Waits until every proxy has applied `n` syncs.
+    pub fn wait_for_syncs(&self, n: usize) -> Result<()> {
+        self.nodes.iter().try_for_each(|node| node.wait_for_syncs(n))
+    }
+
+    /// Routes a LoadBalancer IP to node `k` on the router (as a BGP or L2 announcement would).
+    pub fn route_to_node(&self, ip: Ipv4Addr, k: usize) -> Result<()> {
+        self.router.ip(&["route", "replace", &format!("{ip}/32"), "via", &node_ip(k).to_string()])?;
+        Ok(())
+    }
+
+    /// `curl` from the external client, from address `from`; returns the body.
+    pub fn ext_curl(&self, from: Ipv4Addr, url: &str, timeout_s: &str) -> Result<String> {
+        run(self.ext.command("curl").args(["-sS", "--fail", "-m", timeout_s, "--interface", &from.to_string(), url]))
+    }
+
+    /// Node `name`.
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (sockets it makes stay in that namespace).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+/// A flag a background client loop polls to stop (the loops are bounded on their own as well).
+#[derive(Clone, Default)]
+pub struct StopFlag(Arc<AtomicBool>);
+
+impl StopFlag {
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+    pub fn stopped(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
