@@ -1,5 +1,6 @@
 //! Test support for ebpf-proxy: the network-namespace testbed and packet helpers.
 
+pub mod client;
 pub mod cluster;
 pub mod packets;
 pub mod testbed;

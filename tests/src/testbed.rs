@@ -218,7 +218,7 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// Starts nginx answering every request with `pod=<name> client=<addr>:<port>`.
+    /// Starts nginx answering every request with `pod=<name> server=<pod IP> client=<addr>:<port>`.
     pub fn start_nginx(&mut self) -> Result<()> {
         fs::create_dir_all(self.dir.join("logs"))?;
         let conf = format!(
@@ -227,7 +227,7 @@ impl Pod {
              http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  \
              fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  \
              keepalive_timeout 300s;\n  keepalive_requests 100000;\n  \
-             server {{\n    listen 80;\n    location / {{ default_type text/plain; return 200 \"pod={name} client=$remote_addr:$remote_port\\n\"; }}\n  }}\n}}\n",
+             server {{\n    listen 80;\n    location / {{ default_type text/plain; return 200 \"pod={name} server=$server_addr client=$remote_addr:$remote_port\\n\"; }}\n  }}\n}}\n",
             dir = self.dir.display(),
             name = self.name
         );
@@ -495,9 +495,14 @@ impl Node {
     }
 }
 
-/// The pod name in an nginx answer (`pod=<name> client=<addr>:<port>`).
+/// The pod name in an nginx answer (`pod=<name> server=<addr> client=<addr>:<port>`).
 pub fn answered_by(body: &str) -> Option<&str> {
     body.split_whitespace().find_map(|w| w.strip_prefix("pod="))
+}
+
+/// The address the answering pod was reached on (its pod IP), from an nginx answer.
+pub fn served_by(body: &str) -> Option<&str> {
+    body.split_whitespace().find_map(|w| w.strip_prefix("server="))
 }
 
 /// The client address in an nginx answer.

@@ -5,17 +5,18 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddrV4},
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use proxy_common::{STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_SOURCE_RANGE, STAT_SNAT};
+use proxy_common::{STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_SOURCE_RANGE, STAT_SNAT, STAT_SOCK_UDP_CONNECT_TO_TC};
 use tests::{
-    cluster::{Cluster, EXT_CLIENT, EXT_CLIENT_2, StopFlag, in_netns, node_ip, node_name, secondary_ip},
+    client::{connect_in, in_netns, keepalive_request, request},
+    cluster::{Cluster, EXT_CLIENT, EXT_CLIENT_2, StopFlag, node_ip, node_name, secondary_ip},
     proxy_binary,
-    testbed::{LbMode, Proc, answered_by, client_seen, run},
+    testbed::{LbMode, Proc, answered_by, client_seen, run, served_by},
 };
 
 /// One endpoint in an EndpointSlice: address, node, and conditions (ready, serving, terminating).
@@ -238,28 +239,25 @@ fn session_affinity_sticks_within_the_timeout_and_expires_after_it() {
     .unwrap();
     c.start_proxies(&proxy_binary(), LbMode::Socket, &[]).unwrap();
     let url = format!("http://{}:30050/", node_ip(0));
-    // The answer names the pod and what it saw: with masquerade to a remote pod, the pod's node
-    // tells pods of the same name apart.
-    let backend = |body: &str| {
-        format!("{} via {}", answered_by(body).unwrap(), client_seen(body).unwrap().split(':').next().unwrap())
-    };
-    let ask = || backend(&c.ext_curl(EXT_CLIENT, &url, "3").expect("NodePort with affinity"));
+    // Backends are told apart by the pod address they were reached on.
+    let ask = || served_by(&c.ext_curl(EXT_CLIENT, &url, "3").expect("NodePort with affinity")).unwrap().to_owned();
     // Within the timeout: one backend for 20 connections in a row (without affinity: 4^-19).
     let first: BTreeSet<String> = (0..20).map(|_| ask()).collect();
     assert_eq!(first.len(), 1, "{first:?}");
     // The socket path from a pod in the cgroup sticks too.
-    let pod_ask = || answered_by(&c.nodes[1].curl("pod-0", true, "http://10.96.0.50/").unwrap()).unwrap().to_owned();
+    let pod_ask = || served_by(&c.nodes[1].curl("pod-0", true, "http://10.96.0.50/").unwrap()).unwrap().to_owned();
     let from_pod: BTreeSet<String> = (0..10).map(|_| pod_ask()).collect();
     assert_eq!(from_pod.len(), 1, "{from_pod:?}");
     // After the timeout each connection chooses afresh: 8 spaced-out connections do not all land
-    // on one of the 4 backends (they would with expiry broken; by chance: 4^-7).
-    let spaced: BTreeSet<String> = (0..8)
+    // on one of the 4 backends (they would with expiry broken; by chance: 4^-7), on either path.
+    let (spaced, spaced_pod): (BTreeSet<String>, BTreeSet<String>) = (0..8)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(1500));
-            ask()
+            (ask(), pod_ask())
         })
-        .collect();
-    assert!(spaced.len() > 1, "affinity never expired: {spaced:?}");
+        .unzip();
+    assert!(spaced.len() > 1, "affinity never expired (tc path): {spaced:?}");
+    assert!(spaced_pod.len() > 1, "affinity never expired (socket path): {spaced_pod:?}");
     for node in &mut c.nodes {
         node.stop_proxy().unwrap();
     }
@@ -297,19 +295,6 @@ fn load_balancer_source_ranges_block_other_clients_but_not_the_node_port() {
     }
 }
 
-/// One HTTP request on a new connection from the current thread's namespace; the answering pod.
-fn request(to: SocketAddrV4) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    if !body.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!("unexpected answer: {body}")));
-    }
-    Ok(answered_by(&body).map(str::to_owned).unwrap_or_default())
-}
-
 #[test]
 fn rolling_update_under_a_request_loop_fails_no_request() {
     let (a, b) = (node_name(0), node_name(1));
@@ -343,6 +328,9 @@ fn rolling_update_under_a_request_loop_fails_no_request() {
         }
         (ok, failed, answers)
     });
+    // A kept-alive connection made before the update, to an old pod.
+    let mut kept = connect_in(&c.ext.name, target);
+    assert_eq!(keepalive_request(&mut kept), "pod-0");
     std::thread::sleep(Duration::from_millis(500));
     // 1. New pods ready, old ones terminating (still serving).
     c.write_objects(
@@ -352,9 +340,13 @@ fn rolling_update_under_a_request_loop_fails_no_request() {
     .unwrap();
     c.wait_for_syncs(2).unwrap();
     std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(keepalive_request(&mut kept), "pod-0", "established connection to a terminating pod broken");
     // 2. Old ones removed; then their servers go away, as the pods are deleted.
     c.write_objects("web.yaml", &web(&[ready(new_a, &a), ready(new_b, &b)])).unwrap();
     c.wait_for_syncs(3).unwrap();
+    // Until its pod is gone, the established connection keeps working.
+    assert_eq!(keepalive_request(&mut kept), "pod-0", "established connection broken before its pod went away");
+    drop(kept);
     std::thread::sleep(Duration::from_millis(200));
     for node in &mut c.nodes {
         node.pods[0].stop_nginx();
@@ -449,6 +441,8 @@ fn udp_clients_keep_working_after_their_backend_is_replaced() {
             assert!(a.starts_with(&format!("pod={b}-pod-0 ")), "{what}: {a}");
         }
     }
+    // The pod's connect() was left to the tc path, whose conntrack can be purged.
+    assert!(stat(&c, 0, STAT_SOCK_UDP_CONNECT_TO_TC) > 0);
     // The backend is replaced: new endpoint, then the old server is gone.
     c.write_objects("dns.yaml", &dns(new)).unwrap();
     c.wait_for_syncs(2).unwrap();

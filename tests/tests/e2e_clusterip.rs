@@ -3,14 +3,14 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4},
     process::Stdio,
     time::Duration,
 };
 
 use proxy_common::{STAT_CT_NEW, STAT_FORWARD_DNAT, STAT_REVERSE_NAT, STAT_SOCK_CONNECT};
 use tests::{
+    client::{connect_in, keepalive_request},
     proxy_binary,
     testbed::{LbMode, Node, Proc, answered_by, client_seen, run, service_yaml, slice_yaml},
 };
@@ -143,40 +143,6 @@ fn udp_request_response_through_cluster_ip_socket_lb() {
     let reached: BTreeSet<_> = (0..20).flat_map(|_| udp_ask(&node, true, false, 1)).collect();
     assert_eq!(reached, all_backends(2));
     node.stop_proxy().unwrap();
-}
-
-/// Sends one HTTP request on a kept-alive connection and returns the answering pod.
-fn keepalive_request(stream: &mut TcpStream) -> String {
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut len = 0;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap();
-        }
-        if line == "\r\n" {
-            break;
-        }
-    }
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body).unwrap();
-    answered_by(&String::from_utf8_lossy(&body)).unwrap().to_owned()
-}
-
-/// Opens a TCP connection from inside a namespace (the socket keeps the namespace it was made in).
-fn connect_in(ns: &str, to: SocketAddrV4) -> TcpStream {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        s
-    })
-    .join()
-    .unwrap()
 }
 
 #[test]
