@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the datapath in this network namespace and keep it in sync with the Kubernetes objects.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Run a synthetic packet through the real programs (BPF_PROG_TEST_RUN) and report the verdict.
     Trace(trace::TraceArgs),
 }
@@ -24,7 +24,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(run::run(args))
+            rt.block_on(run::run(*args))
         }
         Command::Trace(args) => trace::trace(&args),
     }

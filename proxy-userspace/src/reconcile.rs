@@ -122,6 +122,13 @@ impl Reconciler {
         Ok(Self { actual: tables.dump()? })
     }
 
+    /// Forgets what it believed and reads what the maps hold (a full sync: anything changed behind
+    /// its back, or left half-written by a failed sync, is then corrected).
+    pub fn refresh(&mut self, tables: &Tables) -> Result<()> {
+        self.actual = tables.dump()?;
+        Ok(())
+    }
+
     /// What the reconciler believes the maps hold.
     pub fn actual(&self) -> &DesiredMaps {
         &self.actual

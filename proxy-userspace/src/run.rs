@@ -3,10 +3,11 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
-    time::Instant,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -23,9 +24,12 @@ use crate::{
     datapath::{self, Datapath, MapMode, PROG_FROM_NETDEV, PROG_FROM_POD},
     health::{self, ServiceHealth},
     links::{self, LinkEvent},
+    metrics::Metrics,
     model::{self, ModelOptions},
     objects::Objects,
+    proxy_health::ProxyHealth,
     reconcile::{Reconciler, Tables},
+    schedule::Schedule,
     source,
     stale::{self, FlowTarget},
     translate::{self, Ids, NodeContext},
@@ -67,6 +71,20 @@ pub struct RunArgs {
     /// net.ipv4.ip_local_reserved_ports so local sockets never take them.
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     pub snat_port_range: (u16, u16),
+    /// Where `/healthz` and `/livez` are served (kube-proxy: --healthz-bind-address).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: SocketAddr,
+    /// Where `/metrics` is served (kube-proxy: --metrics-bind-address).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: SocketAddr,
+    /// How often the maps are fully reconciled against what they hold, changes or not; twice this
+    /// with a change still unprogrammed makes /healthz fail (kube-proxy: --sync-period).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub sync_period: Duration,
+    /// The least time between two syncs: changes arriving faster are applied together
+    /// (kube-proxy: --min-sync-period).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub min_sync_period: Duration,
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -149,14 +167,62 @@ struct Proxy {
     /// entries may be left from an earlier instance).
     serving_udp: Option<BTreeSet<FlowTarget>>,
     health: ServiceHealth,
+    proxy_health: ProxyHealth,
+    metrics: Arc<Metrics>,
+    /// EndpointSlice change trigger times already observed (network programming latency).
+    seen_triggers: BTreeSet<(String, String)>,
+}
+
+/// The annotation the EndpointSlice controller sets to when the change that produced a slice happened.
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Every slice's (namespace/name, trigger time), from the annotation.
+fn trigger_times(objects: &Objects) -> BTreeSet<(String, String)> {
+    objects
+        .slices
+        .iter()
+        .filter_map(|s| {
+            let t = s.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+            let name = format!("{}/{}", s.metadata.namespace.as_deref()?, s.metadata.name.as_deref()?);
+            Some((name, t.clone()))
+        })
+        .collect()
+}
+
+/// Whether this node is on its way out (deleted, or marked by the cluster autoscaler), so that
+/// /healthz sends load balancers elsewhere first.
+fn node_eligible(objects: &Objects, node_name: &str) -> bool {
+    let Some(node) = objects.nodes.iter().find(|n| n.metadata.name.as_deref() == Some(node_name)) else {
+        return true;
+    };
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let marked = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"));
+    !deleting && !marked
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Proxy {
-    async fn apply(&mut self, objects: &Objects) {
+    /// One sync: the maps brought to the state `objects` describe. `full` re-reads what the maps
+    /// hold first instead of trusting the mirror (periodic resync, retry after a failure).
+    async fn apply(&mut self, objects: &Objects, full: bool) -> bool {
         let started = Instant::now();
         let model = model::build(objects, &self.model_opts);
         for e in &model.errors {
             log::warn!("{e}");
+        }
+        self.metrics.sync.set_skipped(&model.errors);
+        self.proxy_health.set_node_eligible(node_eligible(objects, &self.node.node_name));
+        if full && let Err(e) = self.reconciler.refresh(&self.tables) {
+            log::error!("reading the maps for a full sync: {e:#}");
+            self.metrics.sync.sync_failures.inc();
+            return false;
         }
         let mut node = NodeContext::new(&self.node, &model);
         node.snat_ports = self.snat_ports;
@@ -166,6 +232,10 @@ impl Proxy {
             log::warn!("{n}");
         }
         let synced = match self.reconciler.sync(&desired, &mut self.tables) {
+            Ok(s) if full && s.written == 0 && s.deleted == 0 => {
+                log::debug!("full resync: the maps hold what is desired ({:?})", started.elapsed());
+                true
+            }
             Ok(s) => {
                 log::info!(
                     "synced {} service ports, {} frontends, {} backends: {} entries written, {} deleted in {:?}",
@@ -178,12 +248,14 @@ impl Proxy {
                 );
                 true
             }
-            // The mirror matches what was written; the next change or resync finishes the job.
+            // The mirror matches what was written; the retry (a full sync) finishes the job.
             Err(e) => {
                 log::error!("sync failed: {e:#}");
+                self.metrics.sync.sync_failures.inc();
                 false
             }
         };
+        self.metrics.sync.sync_duration.observe(started.elapsed().as_secs_f64());
         if synced {
             let serving = stale::serving_udp(&model, &node, &desired);
             if self.serving_udp.as_ref().is_none_or(|before| stale::lost_any(before, &serving)) {
@@ -196,8 +268,22 @@ impl Proxy {
                 }
             }
             self.serving_udp = Some(serving);
+            let now = SystemTime::now();
+            self.metrics.sync.last_sync_timestamp.set(unix_seconds(now));
+            self.proxy_health.updated();
+            // Network programming latency: from the change that produced a slice to now.
+            let triggers = trigger_times(objects);
+            for (_, t) in triggers.difference(&self.seen_triggers) {
+                if let Ok(at) = humantime::parse_rfc3339_weak(t)
+                    && let Ok(d) = now.duration_since(at)
+                {
+                    self.metrics.sync.network_programming.observe(d.as_secs_f64());
+                }
+            }
+            self.seen_triggers = triggers;
         }
-        self.health.sync(&health::wanted(&model, &self.node.node_name), synced).await;
+        self.health.sync(&health::wanted(&model, &self.node.node_name), self.proxy_health.is_healthy()).await;
+        synced
     }
 
     /// Deletes conntrack entries and socket flows of UDP flows to endpoints no longer serving.
@@ -281,7 +367,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         sock_flows,
         serving_udp: None,
         health: ServiceHealth::new(health_bind),
+        // As kube-proxy: unhealthy once a change has waited twice the sync period.
+        proxy_health: ProxyHealth::new(2 * args.sync_period),
+        metrics: Arc::new(Metrics::new(&args.bpffs)?),
+        seen_triggers: BTreeSet::new(),
     };
+    let _healthz = proxy.proxy_health.clone().serve(args.healthz_bind_address).await?;
+    let _metrics = proxy.metrics.clone().serve(args.metrics_bind_address).await?;
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
     let link_task = tokio::spawn(async move {
@@ -293,14 +385,26 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let source_task = tokio::spawn(source::watch(args.objects.clone(), obj_tx));
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut first_sync = true;
+    let mut schedule = Schedule::new(args.min_sync_period, args.sync_period);
+    let mut objects: Option<Objects> = None;
+    let mut ready = false;
     loop {
+        let due = schedule.next();
+        let wait = due.map_or(tokio::time::Instant::now() + args.sync_period, |d| d.at.into());
         tokio::select! {
             Some(event) = link_rx.recv() => proxy.on_link(event, &args),
-            Some(objects) = obj_rx.recv() => {
-                proxy.apply(&objects).await;
-                if first_sync {
-                    first_sync = false;
+            Some(objs) = obj_rx.recv() => {
+                objects = Some(objs);
+                schedule.changed();
+                proxy.proxy_health.queued();
+                proxy.metrics.sync.last_queued_timestamp.set(unix_seconds(SystemTime::now()));
+            }
+            _ = tokio::time::sleep_until(wait), if due.is_some() => {
+                let (Some(objs), Some(due)) = (&objects, due) else { continue };
+                let ok = proxy.apply(objs, due.full).await;
+                schedule.ran(Instant::now(), ok);
+                if ok && !ready {
+                    ready = true;
                     // The new programs are attached and the maps are programmed: an earlier instance's
                     // pinned links can go.
                     let n = datapath::unpin_links(&links_dir)?;

@@ -1,0 +1,241 @@
+//! Prometheus `/metrics`: kube-proxy's metric names where they mean the same
+//! (`kubeproxy_sync_proxy_rules_*`, `kubeproxy_network_programming_duration_seconds`), and the
+//! datapath's own counters and map fill levels, read from the pinned maps at each scrape.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context as _, Result};
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use proxy_common::{Affinity, AffinityKey, CtEntry, CtKey, STAT_MAX, SockFlow, SockFlowKey, stat_is_drop, stat_name};
+
+/// Metrics the sync loop updates.
+#[derive(Clone)]
+pub struct SyncMetrics {
+    pub sync_duration: Histogram,
+    pub last_sync_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub last_queued_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub network_programming: Histogram,
+    pub sync_failures: Counter,
+    /// Objects skipped as malformed, by kind.
+    pub skipped_objects: Family<Vec<(String, String)>, Gauge>,
+}
+
+impl SyncMetrics {
+    fn new() -> Self {
+        Self {
+            // kube-proxy's buckets: 1 ms doubling to ~16 s.
+            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            last_sync_timestamp: Gauge::default(),
+            last_queued_timestamp: Gauge::default(),
+            network_programming: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
+            sync_failures: Counter::default(),
+            skipped_objects: Family::default(),
+        }
+    }
+
+    /// Records the skipped objects of the latest model (a gauge: what is skipped now).
+    pub fn set_skipped(&self, errors: &[String]) {
+        self.skipped_objects.clear();
+        for e in errors {
+            let kind = if e.starts_with("Service ") {
+                "Service"
+            } else if e.starts_with("EndpointSlice ") {
+                "EndpointSlice"
+            } else {
+                "document"
+            };
+            self.skipped_objects.get_or_create(&vec![("kind".into(), kind.into())]).inc();
+        }
+    }
+}
+
+/// The pinned maps read at scrape time (opened again from their pins: the running datapath keeps its
+/// own handles), with the capacities of the state maps.
+struct PinnedMaps {
+    stats: PerCpuArray<MapData, u64>,
+    conntrack: (HashMap<MapData, CtKey, CtEntry>, u32),
+    affinity: (HashMap<MapData, AffinityKey, Affinity>, u32),
+    sock_flows: (HashMap<MapData, SockFlowKey, SockFlow>, u32),
+}
+
+fn open_pinned(bpffs: &Path, name: &str) -> Result<(Map, u32)> {
+    let data = MapData::from_pin(bpffs.join(name)).with_context(|| format!("opening pinned map {name}"))?;
+    let capacity = data.info()?.max_entries();
+    Ok((Map::from_map_data(data)?, capacity))
+}
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str) -> Result<(HashMap<MapData, K, V>, u32)> {
+    let (map, capacity) = open_pinned(bpffs, name)?;
+    Ok((HashMap::try_from(map)?, capacity))
+}
+
+impl PinnedMaps {
+    fn open(bpffs: &Path) -> Result<Self> {
+        Ok(Self {
+            stats: PerCpuArray::try_from(open_pinned(bpffs, "STATS")?.0)?,
+            conntrack: open_hash(bpffs, "CONNTRACK")?,
+            affinity: open_hash(bpffs, "AFFINITY")?,
+            sock_flows: open_hash(bpffs, "SOCK_FLOWS")?,
+        })
+    }
+}
+
+struct DatapathCollector(Mutex<PinnedMaps>);
+
+impl fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DatapathCollector")
+    }
+}
+
+fn per_reason(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (&'static str, u64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+    for (reason, v) in values {
+        ConstCounter::new(v).encode(family.encode_family(&[("reason", reason)])?)?;
+    }
+    Ok(())
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let maps = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stats: Vec<(u32, u64)> =
+            (0..STAT_MAX).filter_map(|i| maps.stats.get(&i, 0).ok().map(|v| (i, v.iter().sum()))).collect();
+        let named = |drops: bool| {
+            stats.iter().filter(move |(i, _)| stat_is_drop(*i) == drops).filter_map(|(i, v)| Some((stat_name(*i)?, *v)))
+        };
+        per_reason(
+            &mut encoder,
+            "ebpf_proxy_datapath_packets",
+            "Packets and socket calls handled by the datapath, by outcome",
+            named(false),
+        )?;
+        per_reason(
+            &mut encoder,
+            "ebpf_proxy_datapath_drops",
+            "Packets dropped by the datapath, by reason",
+            named(true),
+        )?;
+        // Fill levels: entries currently in the LRU maps (expired ones count until evicted).
+        let fills = [
+            ("conntrack", maps.conntrack.0.keys().count(), maps.conntrack.1),
+            ("affinity", maps.affinity.0.keys().count(), maps.affinity.1),
+            ("sock_flows", maps.sock_flows.0.keys().count(), maps.sock_flows.1),
+        ];
+        let mut family = encoder.encode_descriptor(
+            "ebpf_proxy_map_entries",
+            "Entries in the datapath's state maps",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (map, n, _) in &fills {
+            ConstGauge::new(*n as i64).encode(family.encode_family(&[("map", *map)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "ebpf_proxy_map_capacity",
+            "Capacity of the datapath's state maps",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (map, _, cap) in &fills {
+            ConstGauge::new(i64::from(*cap)).encode(family.encode_family(&[("map", *map)])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The registry with everything registered.
+pub struct Metrics {
+    registry: Registry,
+    pub sync: SyncMetrics,
+}
+
+impl Metrics {
+    pub fn new(bpffs: &Path) -> Result<Self> {
+        let sync = SyncMetrics::new();
+        let mut registry = Registry::default();
+        let kp = registry.sub_registry_with_prefix("kubeproxy");
+        kp.register(
+            "sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            sync.sync_duration.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            sync.last_sync_timestamp.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            sync.last_queued_timestamp.clone(),
+        );
+        kp.register(
+            "network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            sync.network_programming.clone(),
+        );
+        let own = registry.sub_registry_with_prefix("ebpf_proxy");
+        own.register("sync_failures", "Syncs that failed and were retried", sync.sync_failures.clone());
+        own.register(
+            "skipped_objects",
+            "Kubernetes objects skipped as malformed, by kind",
+            sync.skipped_objects.clone(),
+        );
+        registry.register_collector(Box::new(DatapathCollector(Mutex::new(PinnedMaps::open(bpffs)?))));
+        Ok(Self { registry, sync })
+    }
+
+    pub fn encode(&self) -> Result<String> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// Serves `/metrics` on `addr` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, addr: SocketAddr) -> Result<tokio::task::JoinHandle<()>> {
+        let app = Router::new()
+            .route(
+                "/metrics",
+                get(|State(m): State<Arc<Metrics>>| async move {
+                    match m.encode() {
+                        Ok(text) => (
+                            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            text,
+                        )
+                            .into_response(),
+                        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                    }
+                }),
+            )
+            .with_state(self);
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics on {addr}"))?;
+        Ok(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                log::error!("metrics server on {addr}: {e}");
+            }
+        }))
+    }
+}

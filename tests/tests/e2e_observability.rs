@@ -1,0 +1,82 @@
+//! Live tests of what operators look at: /healthz, /livez and /metrics of a running ebpf-proxy in the
+//! single-node testbed. Needs root; fails (never skips) without.
+
+use std::{net::Ipv4Addr, time::SystemTime};
+
+use tests::{
+    proxy_binary,
+    testbed::{LbMode, Node, run, service_yaml, slice_yaml},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// GET from inside the node namespace: (status, body).
+fn get(node: &Node, url: &str) -> (String, String) {
+    let out = run(node.ns.command("curl").args(["-sS", "-m", "3", "-w", "\n%{http_code}", url])).expect("curl");
+    let (body, code) = out.rsplit_once('\n').expect("status line");
+    (code.to_owned(), body.to_owned())
+}
+
+/// The value of the sample named exactly `series` (name plus labels) in a Prometheus text page.
+fn sample(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in\n{page}"))
+}
+
+#[test]
+fn healthz_livez_and_metrics_report_syncs_datapath_counters_and_skipped_objects() {
+    let mut node = Node::new(2).expect("testbed node");
+    for pod in &mut node.pods {
+        pod.start_nginx().unwrap();
+    }
+    node.add_pod("client").unwrap();
+    let ips: Vec<_> = node.pods[..2].iter().map(|p| p.ip).collect();
+    // The slice carries the EndpointSlice controller's trigger time: network programming latency.
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let slice = slice_yaml("web", 80, "TCP", &ips).replacen(
+        "metadata: {",
+        &format!("metadata: {{annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{now}\"}}, "),
+        1,
+    );
+    node.write_objects("web.yaml", &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice)).unwrap();
+    node.write_objects("bad.yaml", &service_yaml("bad", Ipv4Addr::new(10, 96, 0, 11), 0, "TCP")).unwrap();
+    node.start_proxy(&proxy_binary(), LbMode::TcOnly).unwrap();
+    for _ in 0..5 {
+        node.curl("client", false, &format!("http://{VIP}/")).expect("through the ClusterIP");
+    }
+
+    let (code, page) = get(&node, "http://127.0.0.1:10249/metrics");
+    assert_eq!(code, "200");
+    assert!(sample(&page, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1.0);
+    assert!(sample(&page, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.7e9);
+    assert!(sample(&page, "kubeproxy_network_programming_duration_seconds_count") >= 1.0);
+    assert!(sample(&page, "ebpf_proxy_datapath_packets_total{reason=\"forward_dnat\"}") >= 5.0);
+    assert!(sample(&page, "ebpf_proxy_datapath_packets_total{reason=\"conntrack_new\"}") >= 5.0);
+    assert_eq!(sample(&page, "ebpf_proxy_datapath_drops_total{reason=\"drop_no_endpoints\"}"), 0.0);
+    // Each connection leaves two conntrack entries until they expire.
+    assert!(sample(&page, "ebpf_proxy_map_entries{map=\"conntrack\"}") >= 10.0);
+    assert!(sample(&page, "ebpf_proxy_map_capacity{map=\"conntrack\"}") >= 65536.0);
+    // The Service with port 0 is skipped and counted; the good one works (above).
+    assert_eq!(sample(&page, "ebpf_proxy_skipped_objects{kind=\"Service\"}"), 1.0);
+
+    let (code, body) = get(&node, "http://127.0.0.1:10256/healthz");
+    assert_eq!(code, "200", "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["lastUpdated"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+    assert_eq!(v["nodeEligible"], true);
+    assert_eq!(get(&node, "http://127.0.0.1:10256/livez").0, "200");
+
+    // This node being deleted: /healthz sends load balancers away, /livez stays up.
+    node.write_objects(
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, deletionTimestamp: \"2026-01-01T00:00:00Z\"}\n",
+    )
+    .unwrap();
+    node.wait_for_syncs(2).unwrap();
+    let (code, body) = get(&node, "http://127.0.0.1:10256/healthz");
+    assert_eq!(code, "503", "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["nodeEligible"], false);
+    assert_eq!(get(&node, "http://127.0.0.1:10256/livez").0, "200");
+    node.stop_proxy().unwrap();
+}
