@@ -270,6 +270,36 @@ pub fn unpin_links(dir: &Path) -> Result<usize> {
     Ok(n)
 }
 
+/// A map pinned by a running instance under `bpffs`, with its capacity.
+pub fn open_pinned(bpffs: &Path, name: &str) -> Result<(Map, u32)> {
+    let data = MapData::from_pin(bpffs.join(name)).with_context(|| {
+        format!("opening {} (is ebpf-proxy running with --bpffs {}?)", bpffs.join(name).display(), bpffs.display())
+    })?;
+    let capacity = data.info()?.max_entries();
+    Ok((Map::from_map_data(data)?, capacity))
+}
+
+/// A pinned hash map (LRU or not) with its capacity.
+pub fn open_pinned_hash<K: Pod, V: Pod>(bpffs: &Path, name: &str) -> Result<(HashMap<MapData, K, V>, u32)> {
+    let (map, capacity) = open_pinned(bpffs, name)?;
+    Ok((HashMap::try_from(map)?, capacity))
+}
+
+/// The load-balancing maps of a running instance, read through their pins.
+pub fn pinned_tables(bpffs: &Path) -> Result<Tables> {
+    let hash = |name| -> Result<Map> { Ok(open_pinned(bpffs, name)?.0) };
+    Ok(Tables {
+        frontends: Box::new(HashMap::try_from(hash("FRONTENDS")?)?),
+        slots: Box::new(HashMap::try_from(hash("BACKEND_SLOTS")?)?),
+        backends: Box::new(HashMap::try_from(hash("BACKENDS")?)?),
+        rev_nat: Box::new(HashMap::try_from(hash("REV_NAT")?)?),
+        service_addrs: Box::new(HashMap::try_from(hash("SERVICE_ADDRS")?)?),
+        source_ranges: Box::new(LpmTrie::try_from(hash("SOURCE_RANGES")?)?),
+        node_config: Box::new(Array::try_from(hash("NODE_CONFIG")?)?),
+        node_addrs: Box::new(HashMap::try_from(hash("NODE_ADDRS")?)?),
+    })
+}
+
 /// Removes the pinned maps under `dir` (on shutdown, unless the datapath is kept).
 pub fn unpin_maps(dir: &Path) -> Result<()> {
     for name in MAP_NAMES {

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ebpf_proxy::{run, trace};
+use ebpf_proxy::{inspect, run, trace};
 
 #[derive(Parser)]
 #[command(name = "ebpf-proxy", version, about = "Kubernetes Service proxy with an eBPF datapath")]
@@ -17,6 +17,12 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// Run a synthetic packet through the real programs (BPF_PROG_TEST_RUN) and report the verdict.
     Trace(trace::TraceArgs),
+    /// List the frontends of a running instance with their backends (from its pinned maps).
+    Services(inspect::InspectArgs),
+    /// List the backends of a running instance.
+    Backends(inspect::InspectArgs),
+    /// List the live connection-tracking entries of a running instance.
+    Conntrack(inspect::InspectArgs),
 }
 
 fn main() -> Result<()> {
@@ -27,5 +33,8 @@ fn main() -> Result<()> {
             rt.block_on(run::run(*args))
         }
         Command::Trace(args) => trace::trace(&args),
+        Command::Services(args) => inspect::run_services(&args),
+        Command::Backends(args) => inspect::run_backends(&args),
+        Command::Conntrack(args) => inspect::run_conntrack(&args),
     }
 }

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -24,6 +24,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use proxy_common::{Affinity, AffinityKey, CtEntry, CtKey, STAT_MAX, SockFlow, SockFlowKey, stat_is_drop, stat_name};
+
+use crate::datapath::{open_pinned, open_pinned_hash};
 
 /// Metrics the sync loop updates.
 #[derive(Clone)]
@@ -75,24 +77,13 @@ struct PinnedMaps {
     sock_flows: (HashMap<MapData, SockFlowKey, SockFlow>, u32),
 }
 
-fn open_pinned(bpffs: &Path, name: &str) -> Result<(Map, u32)> {
-    let data = MapData::from_pin(bpffs.join(name)).with_context(|| format!("opening pinned map {name}"))?;
-    let capacity = data.info()?.max_entries();
-    Ok((Map::from_map_data(data)?, capacity))
-}
-
-fn open_hash<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str) -> Result<(HashMap<MapData, K, V>, u32)> {
-    let (map, capacity) = open_pinned(bpffs, name)?;
-    Ok((HashMap::try_from(map)?, capacity))
-}
-
 impl PinnedMaps {
     fn open(bpffs: &Path) -> Result<Self> {
         Ok(Self {
             stats: PerCpuArray::try_from(open_pinned(bpffs, "STATS")?.0)?,
-            conntrack: open_hash(bpffs, "CONNTRACK")?,
-            affinity: open_hash(bpffs, "AFFINITY")?,
-            sock_flows: open_hash(bpffs, "SOCK_FLOWS")?,
+            conntrack: open_pinned_hash(bpffs, "CONNTRACK")?,
+            affinity: open_pinned_hash(bpffs, "AFFINITY")?,
+            sock_flows: open_pinned_hash(bpffs, "SOCK_FLOWS")?,
         })
     }
 }

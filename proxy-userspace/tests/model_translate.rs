@@ -7,7 +7,7 @@ use std::{
 
 use ebpf_proxy::{
     config::NodeArgs,
-    health,
+    health, inspect,
     model::{self, ModelOptions},
     objects::{self, Objects},
     reconcile::{Reconciler, Table, Tables},
@@ -379,4 +379,42 @@ fn serving_udp_endpoints_are_listed_per_frontend() {
         [[10, 0, 1, 1], [10, 0, 1, 2]].iter().map(|a| (id, addr_to_map(*a), port_to_map(5353))).collect();
     // The serving terminating endpoint keeps its flows; the not-serving one and TCP are not listed.
     assert_eq!(serving, want);
+}
+
+#[test]
+fn inspection_rows_show_frontends_with_their_sets_and_only_live_conntrack_entries() {
+    let eps =
+        [endpoint("10.0.1.1", "node-a", true, true, false, ""), endpoint("10.0.2.1", "node-b", true, true, false, "")];
+    let yaml = [
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec: {type: NodePort, clusterIP: 10.96.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}\n---\n".to_string(),
+        slice("web-a", "web", "[{port: 8080}]", &format!("[{}]", eps.join(", "))),
+    ]
+    .concat();
+    let (_, d) = build(&yaml);
+    let rows = inspect::services(&d);
+    assert_eq!(rows.len(), 3, "ClusterIP and the NodePort on two node addresses");
+    let np = rows.iter().find(|r| r.frontend == "192.168.0.2:30080").unwrap();
+    assert_eq!((np.kind, np.policy.as_slice()), ("NodePort", ["eTP=Local"].as_slice()));
+    assert_eq!(np.local_backends, ["10.0.1.1:8080 (local)"]);
+    assert_eq!(np.backends.len(), 2);
+    let table = inspect::table(&["A", "LONGER"], &[vec!["wide cell".into(), "x".into()]]);
+    assert_eq!(table, "A          LONGER\nwide cell  x\n");
+
+    let sec = 1_000_000_000u64;
+    let key = |sport| proxy_common::CtKey {
+        sport,
+        proto: PROTO_UDP,
+        dir: proxy_common::CT_DIR_SERVICE,
+        ..Default::default()
+    };
+    let entry = |last_seen_ns| proxy_common::CtEntry {
+        last_seen_ns,
+        state: proxy_common::CT_STATE_ESTABLISHED,
+        ..Default::default()
+    };
+    let now = 1000 * sec;
+    // UDP entries live 120 s after their last packet.
+    let rows = inspect::conntrack(&[(key(1), entry(now - 10 * sec)), (key(2), entry(now - 200 * sec))], now);
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].idle_s, rows[0].expires_in_s, rows[0].protocol.as_str()), (10, 110, "UDP"));
 }

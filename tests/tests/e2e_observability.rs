@@ -1,5 +1,5 @@
-//! Live tests of what operators look at: /healthz, /livez and /metrics of a running ebpf-proxy in the
-//! single-node testbed. Needs root; fails (never skips) without.
+//! Live tests of what operators look at: /healthz, /livez, /metrics and the `services`, `backends` and
+//! `conntrack` commands of a running ebpf-proxy in the single-node testbed. Needs root; fails (never skips) without.
 
 use std::{net::Ipv4Addr, time::SystemTime};
 
@@ -25,7 +25,7 @@ fn sample(page: &str, series: &str) -> f64 {
 }
 
 #[test]
-fn healthz_livez_and_metrics_report_syncs_datapath_counters_and_skipped_objects() {
+fn health_metrics_and_inspection_commands_show_syncs_counters_maps_and_skipped_objects() {
     let mut node = Node::new(2).expect("testbed node");
     for pod in &mut node.pods {
         pod.start_nginx().unwrap();
@@ -59,6 +59,43 @@ fn healthz_livez_and_metrics_report_syncs_datapath_counters_and_skipped_objects(
     assert!(sample(&page, "ebpf_proxy_map_capacity{map=\"conntrack\"}") >= 65536.0);
     // The Service with port 0 is skipped and counted; the good one works (above).
     assert_eq!(sample(&page, "ebpf_proxy_skipped_objects{kind=\"Service\"}"), 1.0);
+
+    // The inspection commands read the running instance's pinned maps.
+    let inspect = |what: &str, json: bool| {
+        let mut cmd = std::process::Command::new(proxy_binary());
+        cmd.arg(what).arg("--bpffs").arg(&node.bpffs.path);
+        if json {
+            cmd.arg("--json");
+        }
+        run(&mut cmd).unwrap_or_else(|e| panic!("{what}: {e:#}"))
+    };
+    let services: serde_json::Value = serde_json::from_str(&inspect("services", true)).unwrap();
+    let web = services.as_array().unwrap().iter().find(|r| r["frontend"] == "10.96.0.10:80").expect("the ClusterIP");
+    assert_eq!((web["type"].as_str(), web["protocol"].as_str()), (Some("ClusterIP"), Some("TCP")));
+    let mut backends: Vec<&str> = web["backends"].as_array().unwrap().iter().map(|b| b.as_str().unwrap()).collect();
+    backends.sort();
+    assert_eq!(backends, ["10.244.1.2:80 (local)", "10.244.1.3:80 (local)"]);
+    let table = inspect("services", false);
+    assert!(table.starts_with("ID  FRONTEND") && table.contains("10.96.0.10:80"), "{table}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&inspect("backends", true)).unwrap().as_array().unwrap().len(),
+        2
+    );
+    let ct: serde_json::Value = serde_json::from_str(&inspect("conntrack", true)).unwrap();
+    let to_backends = ct
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["direction"] == "service" && r["destination"] == "10.96.0.10:80")
+        .inspect(|r| assert!(r["nat"].as_str().unwrap().starts_with("10.244.1."), "{r}"))
+        .count();
+    assert!(to_backends >= 5, "{ct}");
+    // The maps carry BTF: bpftool prints them with field names.
+    let dump = run(std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(node.bpffs.path.join("FRONTENDS")))
+    .expect("bpftool");
+    assert!(dump.contains("\"service_id\"") && dump.contains("\"backend_count\""), "{dump}");
 
     let (code, body) = get(&node, "http://127.0.0.1:10256/healthz");
     assert_eq!(code, "200", "{body}");
