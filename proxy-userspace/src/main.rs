@@ -1,8 +1,9 @@
 //! The `ebpf-proxy` command.
 
+use anyhow::Context as _;
 use anyhow::Result;
-use clap::{Parser, Subcommand};
-use ebpf_proxy::{inspect, run, trace};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser::ValueSource};
+use ebpf_proxy::{inspect, kubeproxy_config, run, trace};
 
 #[derive(Parser)]
 #[command(name = "ebpf-proxy", version, about = "Kubernetes Service proxy with an eBPF datapath")]
@@ -27,8 +28,22 @@ enum Command {
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().command {
-        Command::Run(args) => {
+    let matches = Cli::command().get_matches();
+    match Cli::from_arg_matches(&matches)?.command {
+        Command::Run(mut args) => {
+            if let Some(path) = args.config.clone() {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                let (cfg, mut notes) =
+                    kubeproxy_config::parse(&text).with_context(|| format!("--config {}", path.display()))?;
+                let run_matches = matches.subcommand_matches("run").expect("run subcommand");
+                let explicit = |id: &str| {
+                    matches!(run_matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+                };
+                notes.extend(kubeproxy_config::apply(&cfg, &mut args, explicit));
+                for n in notes {
+                    log::warn!("--config {}: {n}", path.display());
+                }
+            }
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(run::run(*args))
         }

@@ -39,6 +39,10 @@ use crate::{
 pub struct RunArgs {
     #[command(flatten)]
     pub node: NodeArgs,
+    /// A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file, e.g. kube-proxy's ConfigMap;
+    /// flags given on the command line take precedence over it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Kubernetes objects (v1 Service, discovery.k8s.io/v1 EndpointSlice): a YAML file or a directory,
     /// watched for changes.
     #[arg(long)]

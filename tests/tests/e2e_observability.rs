@@ -41,12 +41,22 @@ fn health_metrics_and_inspection_commands_show_syncs_counters_maps_and_skipped_o
     );
     node.write_objects("web.yaml", &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice)).unwrap();
     node.write_objects("bad.yaml", &service_yaml("bad", Ipv4Addr::new(10, 96, 0, 11), 0, "TCP")).unwrap();
+    // kube-proxy's configuration file moves the metrics port (and is read as kube-proxy reads it).
+    let config = node.work.0.join("kube-proxy.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: iptables\n\
+         metricsBindAddress: 127.0.0.1:10299\nconntrack: {maxPerCore: 32768}\n",
+    )
+    .unwrap();
+    node.proxy_args = vec!["--config".into(), config.display().to_string()];
     node.start_proxy(&proxy_binary(), LbMode::TcOnly).unwrap();
+    assert!(node.proxy_log_text().contains("conntrack is set but not supported"), "{}", node.proxy_log_text());
     for _ in 0..5 {
         node.curl("client", false, &format!("http://{VIP}/")).expect("through the ClusterIP");
     }
 
-    let (code, page) = get(&node, "http://127.0.0.1:10249/metrics");
+    let (code, page) = get(&node, "http://127.0.0.1:10299/metrics");
     assert_eq!(code, "200");
     assert!(sample(&page, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1.0);
     assert!(sample(&page, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.7e9);
