@@ -290,9 +290,11 @@ pub fn apply(cfg: &FileConfig, args: &mut crate::run::RunArgs, explicit: impl Fn
         args.min_sync_period = v;
     }
     if let Some(k) = &cfg.kubeconfig {
-        notes.push(format!(
-            "clientConnection.kubeconfig {k:?}: this build reads Kubernetes objects from --objects only; not used"
-        ));
+        if explicit("kubeconfig") || args.objects.is_some() {
+            notes.push(format!("clientConnection.kubeconfig {k:?}: overridden by the command line"));
+        } else {
+            args.kubeconfig = Some(k.into());
+        }
     }
     notes
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod datapath;
 pub mod health;
 pub mod inspect;
+pub mod kube_source;
 pub mod kubeproxy_config;
 pub mod links;
 pub mod metrics;

@@ -23,6 +23,7 @@ use crate::{
     config::NodeArgs,
     datapath::{self, Datapath, MapMode, PROG_FROM_NETDEV, PROG_FROM_POD},
     health::{self, ServiceHealth},
+    kube_source,
     links::{self, LinkEvent},
     metrics::Metrics,
     model::{self, ModelOptions},
@@ -43,10 +44,14 @@ pub struct RunArgs {
     /// flags given on the command line take precedence over it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Kubernetes objects (v1 Service, discovery.k8s.io/v1 EndpointSlice): a YAML file or a directory,
-    /// watched for changes.
+    /// Read Kubernetes objects (v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Node) from a YAML
+    /// file or directory, watched for changes, instead of the API server.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub objects: Option<PathBuf>,
+    /// kubeconfig for the API server; without it (and without --objects): KUBECONFIG, ~/.kube/config
+    /// or the in-cluster service account.
     #[arg(long)]
-    pub objects: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
     /// Directory on a bpffs mount where the maps are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/ebpf-proxy")]
     pub bpffs: PathBuf,
@@ -385,27 +390,32 @@ pub async fn run(args: RunArgs) -> Result<()> {
             log::error!("link watcher stopped: {e:#}");
         }
     });
-    let (obj_tx, mut obj_rx) = mpsc::channel(4);
-    let source_task = tokio::spawn(source::watch(args.objects.clone(), obj_tx));
+    let mut source = match &args.objects {
+        Some(path) => source::files(path.clone()),
+        None => {
+            let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+            kube_source::start(client, &args.node.node_name, args.service_proxy_name.as_deref())
+        }
+    };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut schedule = Schedule::new(args.min_sync_period, args.sync_period);
-    let mut objects: Option<Objects> = None;
+    let mut has_objects = false;
     let mut ready = false;
     loop {
         let due = schedule.next();
         let wait = due.map_or(tokio::time::Instant::now() + args.sync_period, |d| d.at.into());
         tokio::select! {
             Some(event) = link_rx.recv() => proxy.on_link(event, &args),
-            Some(objs) = obj_rx.recv() => {
-                objects = Some(objs);
+            Some(()) = source.changes.recv() => {
+                has_objects = true;
                 schedule.changed();
                 proxy.proxy_health.queued();
                 proxy.metrics.sync.last_queued_timestamp.set(unix_seconds(SystemTime::now()));
             }
             _ = tokio::time::sleep_until(wait), if due.is_some() => {
-                let (Some(objs), Some(due)) = (&objects, due) else { continue };
-                let ok = proxy.apply(objs, due.full).await;
+                let Some(due) = due.filter(|_| has_objects) else { continue };
+                let ok = proxy.apply(&source.snapshot(), due.full).await;
                 schedule.ran(Instant::now(), ok);
                 if ok && !ready {
                     ready = true;
@@ -423,7 +433,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     link_task.abort();
-    source_task.abort();
+    drop(source);
     if args.keep_datapath {
         proxy.dp.pin_links(&links_dir)?;
         log::info!("leaving the datapath running (links pinned under {})", links_dir.display());

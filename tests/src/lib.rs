@@ -1,5 +1,6 @@
 //! Test support for ebpf-proxy: the network-namespace testbed and packet helpers.
 
+pub mod apiserver;
 pub mod client;
 pub mod cluster;
 pub mod packets;

@@ -420,9 +420,12 @@ impl Node {
     pub fn start_proxy(&mut self, binary: &Path, mode: LbMode) -> Result<()> {
         let log = fs::File::create(&self.proxy_log)?;
         let mut cmd = self.ns.command(binary);
-        cmd.args(["run", "--objects"])
-            .arg(&self.objects_dir)
-            .arg("--bpffs")
+        cmd.arg("run");
+        // Objects from the files, unless the test points the proxy at an API server.
+        if !self.proxy_args.iter().any(|a| a == "--kubeconfig") {
+            cmd.arg("--objects").arg(&self.objects_dir);
+        }
+        cmd.arg("--bpffs")
             .arg(&self.bpffs.path)
             .arg("--cgroup")
             .arg(&self.cgroup.path)

@@ -1,0 +1,167 @@
+//! The API server source: kube-rs watchers on Services, EndpointSlices (discovery.k8s.io/v1) and this
+//! node's Node, each kept in a reflector store. As kube-proxy's informers: Services and slices are
+//! selected server-side by kube-proxy's label selector (no `service.kubernetes.io/headless`, and
+//! `service.kubernetes.io/service-proxy-name` absent or ours); a change that leaves an object as it
+//! was (only its resourceVersion or managed fields moved) is dropped; nothing is announced before all
+//! three initial lists are in. A broken watch is retried with backoff, and an expired resourceVersion
+//! (410 Gone) relists — the store keeps the old objects until the new list is complete, so the
+//! datapath is never flushed in between.
+
+use std::{
+    fmt::Debug,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use anyhow::{Context as _, Result};
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    serde::{Serialize, de::DeserializeOwned},
+};
+use kube::{
+    Api, Client, Resource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, ObjectRef, Store},
+        watcher::{self, Event},
+    },
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    model::SERVICE_PROXY_NAME_LABEL,
+    objects::Objects,
+    source::{Source, notifier},
+};
+
+/// kube-proxy's label selector for Services and EndpointSlices.
+pub fn label_selector(service_proxy_name: Option<&str>) -> String {
+    let proxy = match service_proxy_name {
+        Some(name) => format!("{SERVICE_PROXY_NAME_LABEL}={name}"),
+        None => format!("!{SERVICE_PROXY_NAME_LABEL}"),
+    };
+    format!("{proxy},!service.kubernetes.io/headless")
+}
+
+/// A client from `--kubeconfig`, else the usual inference (KUBECONFIG, ~/.kube/config, in-cluster).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await.context("no kubeconfig and not running in a cluster")?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Whether two versions of an object differ in anything but bookkeeping.
+pub fn same_object<K: Resource + Serialize + Clone>(a: &K, b: &K) -> bool {
+    let strip = |k: &K| {
+        let mut k = k.clone();
+        let m = k.meta_mut();
+        m.resource_version = None;
+        m.managed_fields = None;
+        serde_json::to_value(&k).ok()
+    };
+    strip(a) == strip(b)
+}
+
+/// How many of the three kinds have completed their initial list.
+#[derive(Clone, Default)]
+struct InitialLists(Arc<AtomicUsize>);
+
+const KINDS: usize = 3;
+
+/// Watches one kind into a store; notifies `tx` of real changes once every kind is listed.
+fn watch_kind<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: &'static str,
+    lists: InitialLists,
+    tx: mpsc::Sender<()>,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Serialize + Send + Sync + 'static,
+{
+    let (reader, mut writer) = reflector::store::<K>();
+    let store = reader.clone();
+    let task = tokio::spawn(async move {
+        let mut listed = false;
+        let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+        while let Some(event) = stream.next().await {
+            let event = match event {
+                Ok(e) => e,
+                // The watcher retries (with backoff) and relists after 410 Gone by itself.
+                Err(e) => {
+                    log::warn!("watching {kind}: {e}");
+                    continue;
+                }
+            };
+            let changed = match &event {
+                Event::Apply(obj) => {
+                    reader.get(&ObjectRef::from_obj(obj)).is_none_or(|previous| !same_object(&*previous, obj))
+                }
+                Event::Delete(_) | Event::InitDone => true,
+                Event::Init | Event::InitApply(_) => false,
+            };
+            writer.apply_watcher_event(&event);
+            if matches!(event, Event::InitDone) {
+                if !listed {
+                    listed = true;
+                    lists.0.fetch_add(1, Ordering::SeqCst);
+                }
+                log::info!("{kind}: listed {} objects", reader.len());
+            }
+            if changed && lists.0.load(Ordering::SeqCst) == KINDS {
+                // A pending notification already covers this change.
+                let _ = tx.try_send(());
+            }
+        }
+    });
+    (store, task)
+}
+
+/// Starts the watchers. `node_name` selects the one Node watched (its topology labels and whether it
+/// is being deleted).
+pub fn start(client: Client, node_name: &str, service_proxy_name: Option<&str>) -> Source {
+    let (tx, rx) = notifier();
+    let lists = InitialLists::default();
+    let selector = label_selector(service_proxy_name);
+    let (services, t1) = watch_kind(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default().labels(&selector),
+        "Services",
+        lists.clone(),
+        tx.clone(),
+    );
+    let (slices, t2) = watch_kind(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default().labels(&selector),
+        "EndpointSlices",
+        lists.clone(),
+        tx.clone(),
+    );
+    let (nodes, t3) = watch_kind(
+        Api::<Node>::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        "Nodes",
+        lists,
+        tx,
+    );
+    let snapshot = Box::new(move || Objects {
+        services: services.state().iter().map(|s| (**s).clone()).collect(),
+        slices: slices.state().iter().map(|s| (**s).clone()).collect(),
+        nodes: nodes.state().iter().map(|n| (**n).clone()).collect(),
+        errors: Vec::new(),
+    });
+    Source::new(rx, snapshot, vec![t1, t2, t3])
+}

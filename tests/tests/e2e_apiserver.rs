@@ -1,0 +1,155 @@
+//! ebpf-proxy watching an API server (tests/src/apiserver.rs, the real HTTP API) through a
+//! kubeconfig, in the single-node testbed: changes reach the datapath, malformed and foreign objects
+//! are skipped while the rest works, watch cuts and an expired resourceVersion (410) are survived
+//! without flushing the datapath, under a client loop that must see no failure.
+//! Needs root; fails (never skips) without.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use tests::{
+    apiserver::{ApiServer, Kind},
+    client::{in_netns, request},
+    cluster::StopFlag,
+    proxy_binary,
+    testbed::{LbMode, Node, answered_by, run, service_yaml, slice_yaml, wait_for},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// A node with `backends` nginx pods and a client pod, an API server holding the Service `web` over
+/// the first `serving` pods, and the proxy watching it.
+fn node_with_api(backends: usize, serving: usize, mode: LbMode) -> (Node, ApiServer) {
+    let mut node = Node::new(backends).expect("testbed node");
+    for pod in &mut node.pods {
+        pod.start_nginx().unwrap();
+    }
+    node.add_pod("client").unwrap();
+    let api = ApiServer::start(&node.ns.name).expect("test API server");
+    api.apply(&web(&node, serving)).unwrap();
+    let kubeconfig = node.work.0.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    node.proxy_args = vec!["--kubeconfig".into(), kubeconfig.display().to_string()];
+    node.start_proxy(&proxy_binary(), mode).expect("proxy watching the API server");
+    (node, api)
+}
+
+/// The Service and its slice over the first `n` pods.
+fn web(node: &Node, n: usize) -> String {
+    let ips: Vec<_> = node.pods[..n].iter().map(|p| p.ip).collect();
+    service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice_yaml("web", 80, "TCP", &ips)
+}
+
+fn reached(node: &Node, n: usize) -> BTreeSet<String> {
+    (0..n)
+        .map(|_| answered_by(&node.curl("client", true, &format!("http://{VIP}/")).unwrap()).unwrap().to_owned())
+        .collect()
+}
+
+fn pods(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn frontends(node: &Node) -> Vec<String> {
+    let out =
+        run(std::process::Command::new(proxy_binary()).args(["services", "--json", "--bpffs"]).arg(&node.bpffs.path))
+            .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array().unwrap().iter().map(|r| r["frontend"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn api_changes_reach_the_datapath_and_malformed_or_foreign_objects_are_skipped() {
+    let (mut node, api) = node_with_api(3, 2, LbMode::Socket);
+    assert_eq!(reached(&node, 20), pods(&["pod-0", "pod-1"]));
+    assert_eq!((api.requests(Kind::Service, false), api.requests(Kind::EndpointSlice, false)), (1, 1), "one list each");
+    assert!(api.requests(Kind::Node, true) >= 1, "the Node is watched");
+
+    // An update: a third endpoint.
+    api.apply(&web(&node, 3)).unwrap();
+    node.wait_for_syncs(2).unwrap();
+    assert_eq!(reached(&node, 30), pods(&["pod-0", "pod-1", "pod-2"]));
+
+    // A malformed Service (address out of range) and one for another proxy: skipped, the rest works.
+    api.apply(&service_yaml("bad", Ipv4Addr::new(10, 96, 0, 11), 80, "TCP").replace("10.96.0.11", "10.96.0.300"))
+        .unwrap();
+    api.apply(&service_yaml("other", Ipv4Addr::new(10, 96, 0, 12), 80, "TCP").replace(
+        "namespace: default}",
+        "namespace: default, labels: {service.kubernetes.io/service-proxy-name: other}}",
+    ))
+    .unwrap();
+    node.wait_for_syncs(3).unwrap();
+    wait_for(Duration::from_secs(5), || node.proxy_log_text().contains("Service default/bad skipped")).unwrap();
+    let metrics = run(node.ns.command("curl").args(["-sS", "http://127.0.0.1:10249/metrics"])).unwrap();
+    assert!(metrics.contains("ebpf_proxy_skipped_objects{kind=\"Service\"} 1"), "{metrics}");
+    let fe = frontends(&node);
+    assert!(!fe.iter().any(|f| f.starts_with("10.96.0.12")), "another proxy's Service was programmed: {fe:?}");
+    assert_eq!(reached(&node, 10).len(), 3);
+
+    // A deletion.
+    api.delete(Kind::Service, "default", "web").unwrap();
+    wait_for(Duration::from_secs(10), || !frontends(&node).iter().any(|f| f == "10.96.0.10:80")).unwrap();
+    node.stop_proxy().unwrap();
+}
+
+#[test]
+fn watch_cuts_and_an_expired_resource_version_relist_without_flushing_the_datapath() {
+    let (mut node, api) = node_with_api(3, 2, LbMode::TcOnly);
+    let stop = StopFlag::default();
+    let flag = stop.clone();
+    let target = SocketAddrV4::new(VIP, 80);
+    let client = in_netns(&node.pod("client").ns.name, move || {
+        let (mut ok, mut failed) = (0usize, Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !flag.stopped() && Instant::now() < deadline {
+            match request(target) {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    });
+    let lists = api.requests(Kind::Service, false);
+    let watches = api.requests(Kind::Service, true);
+
+    // Cut every watch; a change made meanwhile arrives when the watchers resume (no relist).
+    api.cut_watches();
+    api.apply(&web(&node, 3)).unwrap();
+    wait_for(Duration::from_secs(15), || frontend_backends(&node) == 3).expect("change after a cut watch");
+    assert!(api.requests(Kind::Service, true) > watches, "watch not resumed");
+    assert_eq!(api.requests(Kind::Service, false), lists, "a cut watch resumes from its resourceVersion, no relist");
+
+    // Expire the history and cut again: the watch gets 410 Gone and the watcher relists.
+    api.compact();
+    api.cut_watches();
+    wait_for(Duration::from_secs(20), || api.requests(Kind::Service, false) > lists).expect("relist after 410");
+    wait_for(Duration::from_secs(10), || node.proxy_log_text().matches("Services: listed").count() >= 2).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.stop();
+    let (ok, failed) = client.join().unwrap();
+    println!("watch cut + 410 relist: {ok} requests, {} failed", failed.len());
+    assert!(failed.is_empty(), "{} requests failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    assert!(ok > 100, "only {ok} requests ran");
+    // The relist changed nothing: no sync after it deleted an entry.
+    let log = node.proxy_log_text();
+    let after_relist = &log[log.rfind("Services: listed").unwrap()..];
+    assert!(!after_relist.lines().any(|l| l.contains("synced") && !l.contains(", 0 deleted")), "{after_relist}");
+    assert_eq!(frontend_backends(&node), 3);
+    node.stop_proxy().unwrap();
+}
+
+/// Backends of the ClusterIP frontend, as the running instance's maps hold them.
+fn frontend_backends(node: &Node) -> usize {
+    let out =
+        run(std::process::Command::new(proxy_binary()).args(["services", "--json", "--bpffs"]).arg(&node.bpffs.path))
+            .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["frontend"] == "10.96.0.10:80")
+        .map_or(0, |r| r["backends"].as_array().unwrap().len())
+}
