@@ -65,6 +65,15 @@ pub fn lookup_refresh(key: &CtKey, pkt: &Packet, now: u64) -> Option<CtEntry> {
     if pkt.proto == PROTO_TCP && new_syn && entry.state == CT_STATE_CLOSING {
         return None;
     }
+    // A SYN-ACK on the reply side of a finished connection belongs to a new one that reuses the
+    // tuple without our translation — a client now talking to the pod directly (socket-level LB,
+    // or a plain pod-to-pod connection) from a port an earlier Service connection used. The old
+    // entry must not rewrite it, nor anything after it.
+    let syn_ack = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+    if pkt.proto == PROTO_TCP && syn_ack && key.dir == CT_DIR_REPLY && entry.state == CT_STATE_CLOSING {
+        let _ = CONNTRACK.remove(key);
+        return None;
+    }
     entry.last_seen_ns = now;
     entry.tcp_flags |= pkt.tcp_flags;
     entry.state = next_state(pkt.proto, entry.state, pkt.tcp_flags, key.dir);

@@ -16,9 +16,7 @@ use aya::{
     },
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
-        cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLinkId,
     },
 };
 use proxy_common::{NODE_F_CONFIGURED, NodeConfig, STAT_MAX, SourceRangeKey};
@@ -60,12 +58,18 @@ pub enum MapMode<'a> {
     Private,
 }
 
-/// The loaded object. Dropping it detaches every program that was not pinned.
+/// The loaded object. Every link is pinned the moment it is made, under this instance's own
+/// directory, so the datapath keeps running if the process dies (kill -9, OOM): the next instance
+/// attaches its own links, then releases the dead one's. Dropping the Datapath releases its links
+/// (detaching the programs) unless [`Datapath::keep_links`] was called.
 pub struct Datapath {
     ebpf: Ebpf,
-    /// ifindex → (program, link).
-    tc_links: BTreeMap<u32, (&'static str, SchedClassifierLinkId)>,
-    sock_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    /// This instance's link pins (`<bpffs>/links/<instance>`); `None` until [`Datapath::pin_links_in`].
+    link_dir: Option<PathBuf>,
+    /// ifindex → (program, pinned link).
+    tc_links: BTreeMap<u32, (&'static str, PathBuf)>,
+    sock_links: Vec<PathBuf>,
+    keep: bool,
 }
 
 impl<K: Pod + Ord, V: Pod> Table<K, V> for HashMap<MapData, K, V> {
@@ -145,7 +149,7 @@ impl Datapath {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
         }
-        Ok(Self { ebpf, tc_links: BTreeMap::new(), sock_links: Vec::new() })
+        Ok(Self { ebpf, link_dir: None, tc_links: BTreeMap::new(), sock_links: Vec::new(), keep: false })
     }
 
     /// The load-balancing maps, for the reconciler.
@@ -185,63 +189,83 @@ impl Datapath {
         Ok(prog.try_into()?)
     }
 
-    /// Attaches a tc program (`from_pod` or `from_netdev`) on ingress of the interface (TCX).
-    /// Idempotent per interface index.
+    /// Where this instance pins its links: a new directory under `links_root`, named by the start
+    /// time so that it never collides with an earlier instance's.
+    pub fn pin_links_in(&mut self, links_root: &Path) -> Result<PathBuf> {
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let dir = links_root.join(stamp.to_string());
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        self.link_dir = Some(dir.clone());
+        Ok(dir)
+    }
+
+    fn link_path(&self, file: &str) -> Result<PathBuf> {
+        let dir = self.link_dir.as_ref().ok_or_else(|| anyhow!("no link pin directory set"))?;
+        Ok(dir.join(file))
+    }
+
+    /// Attaches a tc program (`from_pod` or `from_netdev`) on ingress of the interface (TCX), and
+    /// pins the link. Idempotent per interface index.
     pub fn attach_tc(&mut self, ifindex: u32, name: &'static str) -> Result<()> {
         if self.tc_links.contains_key(&ifindex) {
             return Ok(());
         }
+        let path = self.link_path(&format!("{name}_if{ifindex}"))?;
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
         let id = prog
             .attach(aya::programs::NetworkInterface::Index(ifindex), TcAttachType::Ingress)
             .with_context(|| format!("attaching {name} to interface {ifindex}"))?;
-        self.tc_links.insert(ifindex, (name, id));
+        let link: FdLink = prog.take_link(id)?.try_into()?;
+        pin_link(link, &path)?;
+        self.tc_links.insert(ifindex, (name, path));
         Ok(())
     }
 
-    /// Releases the link of an interface that went away (the kernel already detached it).
+    /// Forgets the link of an interface that went away (the kernel already detached it).
     pub fn forget_interface(&mut self, ifindex: u32) {
-        if let Some((name, id)) = self.tc_links.remove(&ifindex)
-            && let Ok(prog) = program(&mut self.ebpf, name)
-            && let Ok(prog) = <&mut SchedClassifier>::try_from(prog)
-        {
-            // Detaching a link whose device is gone fails harmlessly; dropping it closes the fd.
-            let _ = prog.detach(id);
+        if let Some((_, path)) = self.tc_links.remove(&ifindex) {
+            let _ = fs::remove_file(path);
         }
     }
 
-    /// Interfaces `from_pod` is attached to.
+    /// Interfaces a tc program is attached to.
     pub fn attached_interfaces(&self) -> Vec<u32> {
         self.tc_links.keys().copied().collect()
     }
 
-    /// Attaches the socket programs to a cgroup v2 directory.
+    /// Attaches the socket programs to a cgroup v2 directory and pins the links. As BPF links they
+    /// coexist with an earlier instance's until that is released: the first program that translates
+    /// an address leaves the others nothing to do.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
         let dir = fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         for name in SOCK_PROGRAMS {
+            let path = self.link_path(name)?;
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
             let id = prog
                 .attach(dir.as_fd(), CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-            self.sock_links.push((name, id));
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            pin_link(link, &path)?;
+            self.sock_links.push(path);
         }
         Ok(())
     }
 
-    /// Pins every link under `dir` so the datapath keeps running after this process exits.
-    pub fn pin_links(&mut self, dir: &Path) -> Result<()> {
-        fs::create_dir_all(dir)?;
-        for (ifindex, (name, id)) in std::mem::take(&mut self.tc_links) {
-            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
-            let link: FdLink = prog.take_link(id)?.try_into()?;
-            pin_link(link, &dir.join(format!("{name}_if{ifindex}")))?;
+    /// Leaves every link attached after this process exits (`run --keep-datapath`).
+    pub fn keep_links(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
         }
-        for (name, id) in std::mem::take(&mut self.sock_links) {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
-            let link: FdLink = prog.take_link(id)?.try_into()?;
-            pin_link(link, &dir.join(name))?;
+        // Unpinning the last reference detaches the program.
+        if let Some(dir) = &self.link_dir {
+            let _ = unpin_dir(dir);
         }
-        Ok(())
     }
 }
 
@@ -253,20 +277,42 @@ fn pin_link(link: FdLink, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Detaches links pinned by an earlier `run --keep-datapath` (unpinning releases them).
-pub fn unpin_links(dir: &Path) -> Result<usize> {
+/// Unpins (releases) every link pinned in `dir` and removes it; returns how many.
+fn unpin_dir(dir: &Path) -> Result<usize> {
     let Ok(entries) = fs::read_dir(dir) else { return Ok(0) };
     let mut n = 0;
     for entry in entries {
         let path = entry?.path();
-        if let Ok(link) = PinnedLink::from_pin(&path) {
+        if path.is_dir() {
+            n += unpin_dir(&path)?;
+        } else if let Ok(link) = PinnedLink::from_pin(&path) {
             link.unpin().with_context(|| format!("unpinning {}", path.display()))?;
             n += 1;
         } else {
             fs::remove_file(&path)?;
         }
     }
-    let _ = fs::remove_dir(dir);
+    fs::remove_dir(dir)?;
+    Ok(n)
+}
+
+/// Releases the links left under `links_root` by earlier instances (kept with `--keep-datapath`, or
+/// left by one that died), all but `own`.
+pub fn release_other_links(links_root: &Path, own: &Path) -> Result<usize> {
+    let Ok(entries) = fs::read_dir(links_root) else { return Ok(0) };
+    let mut n = 0;
+    for entry in entries {
+        let path = entry?.path();
+        if path == own {
+            continue;
+        }
+        if path.is_dir() {
+            n += unpin_dir(&path)?;
+        } else if let Ok(link) = PinnedLink::from_pin(&path) {
+            link.unpin()?;
+            n += 1;
+        }
+    }
     Ok(n)
 }
 

@@ -340,6 +340,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let cgroup = if args.socket_lb { Some(args.cgroup.clone().map_or_else(default_cgroup, Ok)?) } else { None };
     let links_dir = args.bpffs.join("links");
     let mut dp = Datapath::load(MapMode::Pinned(&args.bpffs))?;
+    let own_links = dp.pin_links_in(&links_dir)?;
     let tables = dp.tables()?;
     let reconciler = Reconciler::new(&tables).context("reading the pinned maps")?;
     let ids = Ids::restore(&reconciler.actual().frontends, &reconciler.actual().backends);
@@ -421,7 +422,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     ready = true;
                     // The new programs are attached and the maps are programmed: an earlier instance's
                     // pinned links can go.
-                    let n = datapath::unpin_links(&links_dir)?;
+                    let n = datapath::release_other_links(&links_dir, &own_links)?;
                     if n > 0 {
                         log::info!("released {n} links left by an earlier instance");
                     }
@@ -435,10 +436,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     link_task.abort();
     drop(source);
     if args.keep_datapath {
-        proxy.dp.pin_links(&links_dir)?;
-        log::info!("leaving the datapath running (links pinned under {})", links_dir.display());
+        proxy.dp.keep_links();
+        log::info!("leaving the datapath running (links pinned under {})", own_links.display());
     } else {
         drop(proxy);
+        let _ = std::fs::remove_dir(&links_dir);
         datapath::unpin_maps(&args.bpffs)?;
         let _ = std::fs::remove_dir(&args.bpffs);
         log::info!("datapath detached and maps unpinned");

@@ -449,6 +449,15 @@ impl Node {
         .with_context(|| format!("ebpf-proxy did not become ready; log:\n{}", self.proxy_log_text()))
     }
 
+    /// Kills the proxy with SIGKILL (no cleanup of any kind, as an OOM kill or a crash).
+    pub fn kill_proxy(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proxy.take() {
+            p.child.kill()?;
+            p.child.wait()?;
+        }
+        Ok(())
+    }
+
     /// Stops the proxy with SIGTERM and checks it exited cleanly.
     pub fn stop_proxy(&mut self) -> Result<()> {
         if let Some(mut p) = self.proxy.take() {
@@ -468,6 +477,12 @@ impl Node {
 
     pub fn proxy_log_text(&self) -> String {
         fs::read_to_string(&self.proxy_log).unwrap_or_default()
+    }
+
+    /// Waits until the proxy has attached to `n` pod interfaces (counted from its log).
+    pub fn wait_for_attached(&self, n: usize) -> Result<()> {
+        wait_for(Duration::from_secs(10), || self.proxy_log_text().matches("attached from_pod").count() >= n)
+            .with_context(|| format!("proxy did not attach to {n} pods; log:\n{}", self.proxy_log_text()))
     }
 
     /// Waits until the proxy has applied `n` syncs (counted from its log).

@@ -12,7 +12,7 @@ use std::{
 
 use tests::{
     apiserver::{ApiServer, Kind},
-    client::{in_netns, request},
+    client::{connect_in, in_netns, keepalive_request, request},
     cluster::StopFlag,
     proxy_binary,
     testbed::{LbMode, Node, answered_by, run, service_yaml, slice_yaml, wait_for},
@@ -152,4 +152,70 @@ fn frontend_backends(node: &Node) -> usize {
         .iter()
         .find(|r| r["frontend"] == "10.96.0.10:80")
         .map_or(0, |r| r["backends"].as_array().unwrap().len())
+}
+
+#[test]
+fn kill_9_and_a_restart_lose_no_request_and_keep_established_connections() {
+    let (mut node, api) = node_with_api(2, 2, LbMode::Socket);
+    // A kept-alive connection (tc path) and two loops of new connections: through the socket path
+    // (curl in the node's cgroup, client pod) and through the tc path (a thread in another pod; a
+    // pod's processes all take one path on a real node).
+    let mut kept = connect_in(&node.pod("client").ns.name, SocketAddrV4::new(VIP, 80));
+    let kept_pod = keepalive_request(&mut kept);
+    let script = format!(
+        "i=0; while [ $i -lt 100000 ] && [ ! -e {stop} ]; do curl -s -o /dev/null -w '%{{http_code}} %{{local_port}} %{{errormsg}}\\n' -m 2 http://{VIP}/; i=$((i+1)); done",
+        stop = node.work.0.join("stop").display()
+    );
+    let mut socket_loop = node.pod_command("client", true, "sh", &["-c", &script]);
+    socket_loop.stdout(std::process::Stdio::piped());
+    let mut socket_loop = tests::testbed::Proc::spawn(socket_loop, "curl loop").unwrap();
+    let stop = StopFlag::default();
+    let flag = stop.clone();
+    let tc_client = node.add_pod("tc-client").unwrap().ns.name.clone();
+    node.wait_for_attached(4).unwrap();
+    let tc_loop = in_netns(&tc_client, move || {
+        let (mut ok, mut failed) = (0usize, Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !flag.stopped() && Instant::now() < deadline {
+            match request(SocketAddrV4::new(VIP, 80)) {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    node.kill_proxy().unwrap();
+    // No proxy process at all for a while: the pinned programs and maps carry on.
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(&node.proxy_log, "").unwrap();
+    node.start_proxy(&proxy_binary(), LbMode::Socket).expect("restart");
+    let log = node.proxy_log_text();
+    assert!(log.contains("adopting 1 frontends") && log.contains("0 entries written, 0 deleted"), "{log}");
+    // The dead instance's links (4 socket programs, 4 pod interfaces) are released once the new
+    // ones are attached and the maps checked.
+    assert!(log.contains("released 8 links left by an earlier instance"), "{log}");
+    // The new instance follows the API server.
+    api.apply(&web(&node, 1)).unwrap();
+    node.wait_for_syncs(2).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    std::fs::write(node.work.0.join("stop"), "").unwrap();
+    stop.stop();
+    let (tc_ok, tc_failed) = tc_loop.join().unwrap();
+    socket_loop.child.wait().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(socket_loop.child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let codes: Vec<&str> = out.lines().collect();
+    let socket_failed = codes.iter().filter(|c| !c.starts_with("200")).count();
+    println!(
+        "kill -9 + restart: socket path {} requests, {socket_failed} failed; tc path {tc_ok} requests, {} failed",
+        codes.len(),
+        tc_failed.len()
+    );
+    assert!(tc_failed.is_empty(), "{:?}", &tc_failed[..tc_failed.len().min(3)]);
+    assert_eq!(socket_failed, 0, "{codes:?}");
+    assert!(codes.len() > 50 && tc_ok > 100);
+    // The connection established before the kill still answers, from the same pod.
+    assert_eq!(keepalive_request(&mut kept), kept_pod);
+    node.stop_proxy().unwrap();
 }

@@ -203,7 +203,9 @@ fn keep_datapath_leaves_services_working_and_the_next_run_adopts_it() {
     node.start_proxy(&proxy_binary(), LbMode::TcOnly).unwrap();
     node.stop_proxy().unwrap();
     let links = node.bpffs.path.join("links");
-    let pinned = std::fs::read_dir(&links).map(|d| d.count()).unwrap_or(0);
+    let instances: Vec<_> = std::fs::read_dir(&links).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(instances.len(), 1, "one instance's links");
+    let pinned = std::fs::read_dir(&instances[0]).map(|d| d.count()).unwrap_or(0);
     assert_eq!(pinned, 3, "one pinned link per pod interface under {}", links.display());
     // No process runs, yet the Service works: pinned programs and maps.
     assert_eq!(pods_reached(&node, false, 20), all_backends(2));
@@ -215,7 +217,7 @@ fn keep_datapath_leaves_services_working_and_the_next_run_adopts_it() {
     assert!(log.contains("adopting 1 frontends"), "{log}");
     assert!(log.contains("0 entries written, 0 deleted"), "{log}");
     assert!(log.contains("released 3 links"), "{log}");
-    assert!(!links.exists());
+    assert!(!instances[0].exists(), "the earlier instance's links are gone");
     assert_eq!(pods_reached(&node, false, 20), all_backends(2));
     node.stop_proxy().unwrap();
     assert!(!node.bpffs.path.exists());

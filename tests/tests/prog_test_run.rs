@@ -346,3 +346,23 @@ fn a_reset_to_a_service_without_endpoints_is_dropped_not_answered() {
     bed.expect(&rst, TC_ACT_SHOT, STAT_DROP_NO_ENDPOINTS);
     assert_eq!(bed.stat(STAT_DROP_NO_ENDPOINTS), 1);
 }
+
+#[test]
+fn a_syn_ack_after_a_finished_connection_is_a_direct_one_and_left_alone() {
+    let bed = Bed::new();
+    let seen = inspect(&bed.run(&packets::tcp(CLIENT, vip(80), true, false, &[])).1);
+    bed.expect(&packets::tcp(seen.dst, CLIENT, true, true, &[]), TC_ACT_OK, STAT_REVERSE_NAT);
+    // The backend closes the connection: FIN|ACK (flags byte of the TCP header).
+    let mut fin = packets::tcp(seen.dst, CLIENT, false, true, &[]);
+    fin[14 + 20 + 13] = 0x11;
+    bed.expect(&fin, TC_ACT_OK, STAT_REVERSE_NAT);
+    assert_eq!(bed.ct(seen.dst, CLIENT, PROTO_TCP, CT_DIR_REPLY).unwrap().state, proxy_common::CT_STATE_CLOSING);
+    // The client now connects to the pod directly from the same port (socket-level LB does that):
+    // the pod's SYN-ACK must reach it from the pod's own address, and the stale entry go.
+    let direct = packets::tcp(seen.dst, CLIENT, true, true, &[]);
+    let (ret, out) = bed.run(&direct);
+    assert_eq!((ret, &out), (TC_ACT_OK, &direct), "a direct connection's SYN-ACK was rewritten");
+    assert!(bed.ct(seen.dst, CLIENT, PROTO_TCP, CT_DIR_REPLY).is_none(), "stale reply entry kept");
+    let data = packets::tcp(seen.dst, CLIENT, false, true, b"HTTP/1.1 200 OK\r\n\r\n");
+    assert_eq!(bed.run(&data).1, data, "the direct connection's data was rewritten");
+}
