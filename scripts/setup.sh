@@ -15,8 +15,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- Debian packages --------------------------------------------------------------------------------------
 # nginx-light: backends (as in the seed manifests); curl/iperf3/wrk: clients; iproute2: namespaces and veth;
-# bpftool: map and program inspection; zlib/zstd dev: libLLVM's link dependencies for bpf-linker.
-PKGS=(nginx-light curl iproute2 bpftool iperf3 wrk procps ca-certificates build-essential pkg-config zlib1g-dev libzstd-dev)
+# bpftool: map and program inspection; iptables/nftables: kube-proxy layouts for `cleanup` tests and benchmarks; zlib/zstd dev: libLLVM's link dependencies for bpf-linker.
+PKGS=(nginx-light curl iproute2 bpftool iperf3 wrk procps iptables nftables ca-certificates build-essential pkg-config zlib1g-dev libzstd-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

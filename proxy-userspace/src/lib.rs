@@ -3,6 +3,7 @@
 //! Flow of state: [`objects`] (Kubernetes YAML) → [`model`] (Service ports and endpoints) →
 //! [`translate`] (map entries) → [`reconcile`] (diff and write) → the maps of [`datapath`].
 
+pub mod cleanup;
 pub mod config;
 pub mod datapath;
 pub mod health;

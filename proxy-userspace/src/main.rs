@@ -3,7 +3,7 @@
 use anyhow::Context as _;
 use anyhow::Result;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, parser::ValueSource};
-use ebpf_proxy::{inspect, kubeproxy_config, run, trace};
+use ebpf_proxy::{cleanup, inspect, kubeproxy_config, run, trace};
 
 #[derive(Parser)]
 #[command(name = "ebpf-proxy", version, about = "Kubernetes Service proxy with an eBPF datapath")]
@@ -24,6 +24,8 @@ enum Command {
     Backends(inspect::InspectArgs),
     /// List the live connection-tracking entries of a running instance.
     Conntrack(inspect::InspectArgs),
+    /// Remove kube-proxy's iptables and nftables rules from this node (as `kube-proxy --cleanup`).
+    Cleanup,
 }
 
 fn main() -> Result<()> {
@@ -51,5 +53,11 @@ fn main() -> Result<()> {
         Command::Services(args) => inspect::run_services(&args),
         Command::Backends(args) => inspect::run_backends(&args),
         Command::Conntrack(args) => inspect::run_conntrack(&args),
+        Command::Cleanup => {
+            for line in cleanup::cleanup()? {
+                println!("{line}");
+            }
+            Ok(())
+        }
     }
 }

@@ -1,0 +1,188 @@
+//! `ebpf-proxy cleanup`: removes what kube-proxy left on a node, as `kube-proxy --cleanup` does, so
+//! ebpf-proxy can replace it: the iptables chains kube-proxy owns (in nat, filter and mangle) and the
+//! rules in built-in chains that jump to them; the nftables `kube-proxy` tables. Chains kube-proxy
+//! shares with the kubelet (KUBE-MARK-MASQ, KUBE-MARK-DROP, KUBE-FIREWALL, KUBE-KUBELET-CANARY) and
+//! every rule that is not kube-proxy's stay. Run it in the node's network namespace, as root.
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Chains kube-proxy creates under a fixed name.
+const OWNED_CHAINS: &[&str] = &[
+    "KUBE-SERVICES",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-NODEPORTS",
+    "KUBE-POSTROUTING",
+    "KUBE-FORWARD",
+    "KUBE-PROXY-FIREWALL",
+    "KUBE-PROXY-CANARY",
+];
+/// Prefixes of the per-Service and per-endpoint chains.
+const OWNED_PREFIXES: &[&str] = &["KUBE-SVC-", "KUBE-SVL-", "KUBE-SEP-", "KUBE-FW-", "KUBE-XLB-", "KUBE-EXT-"];
+
+pub fn is_owned(chain: &str) -> bool {
+    OWNED_CHAINS.contains(&chain) || OWNED_PREFIXES.iter().any(|p| chain.starts_with(p))
+}
+
+/// The target of a rule (`-j X` or `-g X`).
+fn target(rule: &str) -> Option<&str> {
+    let mut words = rule.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "-j" || w == "-g" {
+            return words.next();
+        }
+    }
+    None
+}
+
+/// From `iptables-save` output, the `iptables-restore --noflush` input that removes kube-proxy's
+/// chains and the jumps to them. Empty when there is nothing to remove.
+pub fn iptables_cleanup(save: &str) -> String {
+    let mut out = String::new();
+    let mut table: Option<&str> = None;
+    let (mut flush, mut unlink, mut delete) = (Vec::new(), Vec::new(), Vec::new());
+    for line in save.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = Some(t);
+            (flush, unlink, delete) = (Vec::new(), Vec::new(), Vec::new());
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let chain = decl.split_whitespace().next().unwrap_or_default();
+            if is_owned(chain) {
+                flush.push(format!(":{chain} - [0:0]"));
+                delete.push(format!("-X {chain}"));
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or_default();
+            // Rules inside our chains go with them; jumps into them from elsewhere are deleted.
+            if !is_owned(chain) && target(rule).is_some_and(is_owned) {
+                unlink.push(format!("-D {rule}"));
+            }
+        } else if line == "COMMIT"
+            && let Some(t) = table.take()
+            && !(flush.is_empty() && unlink.is_empty())
+        {
+            // Declaring a chain in --noflush mode empties it; then nothing refers to it and it can go.
+            out += &format!("*{t}\n");
+            for l in unlink.iter().chain(&flush).chain(&delete) {
+                out += l;
+                out.push('\n');
+            }
+            out += "COMMIT\n";
+        }
+    }
+    out
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Removes kube-proxy's iptables rules (IPv4 and IPv6) and nftables tables. Returns what was done.
+pub fn cleanup() -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    for (save, restore) in [("iptables-save", "iptables-restore"), ("ip6tables-save", "ip6tables-restore")] {
+        let current = match run(&mut Command::new(save)) {
+            Ok(s) => s,
+            Err(e) => {
+                done.push(format!("{save}: skipped ({e:#})"));
+                continue;
+            }
+        };
+        let script = iptables_cleanup(&current);
+        if script.is_empty() {
+            continue;
+        }
+        let mut child = Command::new(restore)
+            .args(["--noflush"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {restore}"))?;
+        child.stdin.take().expect("stdin piped").write_all(script.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("{restore} --noflush failed: {}\ninput:\n{script}", String::from_utf8_lossy(&out.stderr));
+        }
+        let chains = script.lines().filter(|l| l.starts_with("-X ")).count();
+        let rules = script.lines().filter(|l| l.starts_with("-D ")).count();
+        done.push(format!("{restore}: removed {chains} chains and {rules} jump rules"));
+    }
+    match run(Command::new("nft").args(["list", "tables"])) {
+        Ok(tables) => {
+            for family in ["ip", "ip6"] {
+                if tables.lines().any(|l| l.trim() == format!("table {family} kube-proxy")) {
+                    run(Command::new("nft").args(["delete", "table", family, "kube-proxy"]))?;
+                    done.push(format!("nft: deleted table {family} kube-proxy"));
+                }
+            }
+        }
+        Err(e) => done.push(format!("nft: skipped ({e:#})")),
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAVE: &str = "\
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-NPX46M4PTMTKRN6Y - [0:0]
+:KUBE-SEP-AAAAAAAAAAAAAAAA - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A PREROUTING -p tcp -m tcp --dport 2222 -j DNAT --to-destination 10.0.0.9:22
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -j KUBE-SVC-NPX46M4PTMTKRN6Y
+-A KUBE-SVC-NPX46M4PTMTKRN6Y -j KUBE-SEP-AAAAAAAAAAAAAAAA
+-A KUBE-SEP-AAAAAAAAAAAAAAAA -s 192.168.0.2/32 -j KUBE-MARK-MASQ
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:KUBE-FIREWALL - [0:0]
+-A INPUT -j KUBE-FIREWALL
+-A INPUT -p tcp --dport 22 -j ACCEPT
+COMMIT
+";
+
+    #[test]
+    fn only_kube_proxys_chains_and_the_jumps_to_them_are_removed() {
+        let script = iptables_cleanup(SAVE);
+        let lines: Vec<&str> = script.lines().collect();
+        for want in [
+            "-D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+            "-D OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+            "-D POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING",
+            "-X KUBE-SERVICES",
+            "-X KUBE-SVC-NPX46M4PTMTKRN6Y",
+            "-X KUBE-SEP-AAAAAAAAAAAAAAAA",
+            "-X KUBE-POSTROUTING",
+        ] {
+            assert!(lines.contains(&want), "{want} missing from\n{script}");
+        }
+        // Shared chains, other rules and the filter table (nothing of kube-proxy's there) stay.
+        assert!(
+            !script.contains("KUBE-MARK-MASQ") && !script.contains("2222") && !script.contains("*filter"),
+            "{script}"
+        );
+        // Jumps are deleted before the chains are emptied and removed.
+        let pos = |l: &str| lines.iter().position(|x| x.starts_with(l)).unwrap();
+        assert!(pos("-D ") < pos(":KUBE-") && pos(":KUBE-") < pos("-X "));
+        assert_eq!(iptables_cleanup("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"), "");
+    }
+}
