@@ -65,3 +65,35 @@ pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
     }
     Ok(())
 }
+
+/// The interfaces that carry any of `addrs` (loopback excepted): the node's external interfaces when
+/// `--interfaces` is not given, found as kube-proxy finds node IPs.
+pub async fn interfaces_with(addrs: &[std::net::Ipv4Addr]) -> Result<Vec<String>> {
+    use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+    let task = tokio::spawn(conn);
+    let mut indexes = std::collections::BTreeSet::new();
+    let has_node_ip = |m: &AddressMessage| {
+        m.attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(std::net::IpAddr::V4(ip)) if addrs.contains(ip)))
+    };
+    let mut dump = handle.address().get().execute();
+    while let Some(msg) = dump.try_next().await.context("listing addresses")? {
+        if has_node_ip(&msg) {
+            indexes.insert(msg.header.index);
+        }
+    }
+    let mut names = Vec::new();
+    let mut links = handle.link().get().execute();
+    while let Some(msg) = links.try_next().await.context("listing interfaces")? {
+        if indexes.contains(&msg.header.index)
+            && let Some(name) = name_of(&msg)
+            && name != "lo"
+        {
+            names.push(name);
+        }
+    }
+    task.abort();
+    Ok(names)
+}

@@ -67,7 +67,8 @@ pub struct RunArgs {
     #[arg(long = "pod-interface-name-prefix", default_values_t = [String::from("veth")])]
     pub pod_interface_prefixes: Vec<String>,
     /// The node's external interfaces (comma-separated or repeated): Service traffic arriving from
-    /// outside, and replies from backends on other nodes, are handled on their ingress.
+    /// outside, and replies from backends on other nodes, are handled on their ingress. Default: the
+    /// interfaces that carry a --node-ip address, found at start.
     #[arg(long, value_delimiter = ',')]
     pub interfaces: Vec<String>,
     /// Leave the pinned datapath running on exit (links pinned under <bpffs>/links).
@@ -107,8 +108,11 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 }
 
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+const EPHEMERAL_PORTS: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
-/// Adds the SNAT range to the node's reserved ports, keeping what is there.
+/// Keeps local sockets' automatic port choice off the SNAT range: adds the range to the node's
+/// reserved ports. Where /proc/sys is read-only (an unprivileged container), that is only acceptable
+/// when the ephemeral range does not reach into the SNAT range anyway.
 fn reserve_snat_ports((min, max): (u16, u16)) -> Result<()> {
     let current = std::fs::read_to_string(RESERVED_PORTS).with_context(|| format!("reading {RESERVED_PORTS}"))?;
     let range = format!("{min}-{max}");
@@ -116,7 +120,19 @@ fn reserve_snat_ports((min, max): (u16, u16)) -> Result<()> {
         return Ok(());
     }
     let joined = if current.trim().is_empty() { range } else { format!("{},{range}", current.trim()) };
-    std::fs::write(RESERVED_PORTS, &joined).with_context(|| format!("writing {joined:?} to {RESERVED_PORTS}"))?;
+    let Err(write_error) = std::fs::write(RESERVED_PORTS, &joined) else { return Ok(()) };
+    let ephemeral = std::fs::read_to_string(EPHEMERAL_PORTS).with_context(|| format!("reading {EPHEMERAL_PORTS}"))?;
+    let bounds: Vec<u16> = ephemeral.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+    let [lo, hi] = bounds[..] else { bail!("unexpected {EPHEMERAL_PORTS}: {ephemeral:?}") };
+    if lo <= max && min <= hi {
+        bail!(
+            "cannot reserve the SNAT ports {min}-{max} ({RESERVED_PORTS}: {write_error}) and the ephemeral range \
+             {lo}-{hi} overlaps them: make /proc/sys writable, or move --snat-port-range or the ephemeral range"
+        );
+    }
+    log::info!(
+        "{RESERVED_PORTS} is not writable ({write_error}); the ephemeral range {lo}-{hi} stays clear of the SNAT ports"
+    );
     Ok(())
 }
 
@@ -336,7 +352,11 @@ impl Proxy {
     }
 }
 
-pub async fn run(args: RunArgs) -> Result<()> {
+pub async fn run(mut args: RunArgs) -> Result<()> {
+    if args.interfaces.is_empty() && !args.node.node_ips.is_empty() {
+        args.interfaces = links::interfaces_with(&args.node.node_ips).await?;
+        log::info!("external interfaces (carrying a node IP): {:?}", args.interfaces);
+    }
     let cgroup = if args.socket_lb { Some(args.cgroup.clone().map_or_else(default_cgroup, Ok)?) } else { None };
     let links_dir = args.bpffs.join("links");
     let mut dp = Datapath::load(MapMode::Pinned(&args.bpffs))?;

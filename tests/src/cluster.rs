@@ -1,5 +1,5 @@
 //! A multi-node cluster in network namespaces: nodes on a shared network behind a router, an
-//! external client, each node running its own ebpf-proxy on its uplink. Reusable by the live tests
+//! external client, each node running its own ebpf-proxy on its uplink (found by its addresses). Reusable by the live tests
 //! and the benchmarks. Same safety rules as [`crate::testbed`]: nothing in the root namespace, every
 //! namespace, cgroup, pin and process removed on drop.
 //!
@@ -113,11 +113,12 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Starts every node's proxy: the uplink as its external interface, both node addresses, the
-    /// Service CIDR; `extra` appended.
+    /// Starts every node's proxy with both node addresses and the Service CIDR (`extra` appended);
+    /// the proxy finds its external interface itself, as the one carrying the node addresses.
     pub fn start_proxies(&mut self, binary: &std::path::Path, mode: LbMode, extra: &[&str]) -> Result<()> {
         for (k, node) in self.nodes.iter_mut().enumerate() {
-            node.proxy_args = ["--interfaces", "eth0", "--node-ip", &secondary_ip(k).to_string()]
+            node.uplink = true;
+            node.proxy_args = ["--node-ip", &secondary_ip(k).to_string()]
                 .iter()
                 .chain(&["--service-cidr", SERVICE_CIDR])
                 .chain(extra)

@@ -296,6 +296,8 @@ pub struct Node {
     pub proxy_log: PathBuf,
     /// Extra arguments for `ebpf-proxy run`.
     pub proxy_args: Vec<String>,
+    /// The node has an uplink the proxy must attach `from_netdev` to before it counts as started.
+    pub uplink: bool,
     /// Objects and the proxy's log; removed last.
     pub work: WorkDir,
 }
@@ -357,6 +359,7 @@ impl Node {
             objects_dir: work.join("objects"),
             proxy_log: work.join("proxy.log"),
             proxy_args: Vec::new(),
+            uplink: false,
             id,
             ns,
             cgroup,
@@ -438,7 +441,7 @@ impl Node {
             .stderr(log);
         self.proxy = Some(Proc::spawn(cmd, "ebpf-proxy")?);
         let want = self.pods.len();
-        let uplink = self.proxy_args.iter().any(|a| a == "--interfaces");
+        let uplink = self.uplink || self.proxy_args.iter().any(|a| a == "--interfaces");
         let log_path = self.proxy_log.clone();
         wait_for(Duration::from_secs(20), || {
             let text = fs::read_to_string(&log_path).unwrap_or_default();
