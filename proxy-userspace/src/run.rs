@@ -235,8 +235,9 @@ fn unix_seconds(t: SystemTime) -> f64 {
 
 impl Proxy {
     /// One sync: the maps brought to the state `objects` describe. `full` re-reads what the maps
-    /// hold first instead of trusting the mirror (periodic resync, retry after a failure).
-    async fn apply(&mut self, objects: &Objects, full: bool) -> bool {
+    /// hold first instead of trusting the mirror (periodic resync, retry after a failure); `snapshot`
+    /// is how long taking `objects` from the source took (logged with the other phases).
+    async fn apply(&mut self, objects: &Objects, full: bool, snapshot: Duration) -> bool {
         let started = Instant::now();
         let model = model::build(objects, &self.model_opts);
         for e in &model.errors {
@@ -252,10 +253,12 @@ impl Proxy {
         let mut node = NodeContext::new(&self.node, &model);
         node.snat_ports = self.snat_ports;
         node.host_netns_cookie = self.host_netns_cookie;
+        let modelled = started.elapsed();
         let (desired, notes) = translate::translate(&model, &node, &mut self.ids);
         for n in &notes {
             log::warn!("{n}");
         }
+        let translated = started.elapsed();
         let synced = match self.reconciler.sync(&desired, &mut self.tables) {
             Ok(s) if full && s.written == 0 && s.deleted == 0 => {
                 log::debug!("full resync: the maps hold what is desired ({:?})", started.elapsed());
@@ -263,13 +266,18 @@ impl Proxy {
             }
             Ok(s) => {
                 log::info!(
-                    "synced {} service ports, {} frontends, {} backends: {} entries written, {} deleted in {:?}",
+                    "synced {} service ports, {} frontends, {} backends: {} entries written, {} deleted in {:?} \
+                     (snapshot {:?}, model {:?}, translation {:?}, maps {:?})",
                     model.ports.len(),
                     desired.frontends.len(),
                     desired.backends.len(),
                     s.written,
                     s.deleted,
-                    started.elapsed()
+                    started.elapsed(),
+                    snapshot,
+                    modelled,
+                    translated - modelled,
+                    started.elapsed() - translated
                 );
                 true
             }
@@ -436,7 +444,9 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
             }
             _ = tokio::time::sleep_until(wait), if due.is_some() => {
                 let Some(due) = due.filter(|_| has_objects) else { continue };
-                let ok = proxy.apply(&source.snapshot(), due.full).await;
+                let taken = Instant::now();
+                let objects = source.snapshot();
+                let ok = proxy.apply(&objects, due.full, taken.elapsed()).await;
                 schedule.ran(Instant::now(), ok);
                 if ok && !ready {
                     ready = true;

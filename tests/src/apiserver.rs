@@ -330,25 +330,30 @@ impl ApiServer {
     pub fn apply(&self, yaml: &str) -> Result<()> {
         use serde::Deserialize as _;
         for doc in serde_yaml::Deserializer::from_str(yaml) {
-            let mut obj: Value = serde_json::to_value(serde_yaml::Value::deserialize(doc)?)?;
-            if obj.is_null() {
-                continue;
+            let obj: Value = serde_json::to_value(serde_yaml::Value::deserialize(doc)?)?;
+            if !obj.is_null() {
+                self.apply_object(obj)?;
             }
-            let kind = Kind::of(&obj)?;
-            let key = key_of(kind, &obj);
-            let mut db = self.shared.db.lock().unwrap();
-            db.rv += 1;
-            let rv = db.rv;
-            let previous = db.objects.get(&key).cloned();
-            let meta = obj["metadata"].as_object_mut().context("metadata")?;
-            meta.insert("resourceVersion".into(), json!(rv.to_string()));
-            let uid = previous.as_ref().map_or_else(|| json!(format!("uid-{rv}")), |p| p["metadata"]["uid"].clone());
-            meta.insert("uid".into(), uid);
-            meta.entry("creationTimestamp").or_insert(json!("2026-01-01T00:00:00Z"));
-            db.objects.insert(key, obj.clone());
-            let event = if previous.is_some() { "MODIFIED" } else { "ADDED" };
-            self.record(&mut db, kind, event, obj);
         }
+        Ok(())
+    }
+
+    /// Creates or replaces one object (an ADDED or MODIFIED event).
+    pub fn apply_object(&self, mut obj: Value) -> Result<()> {
+        let kind = Kind::of(&obj)?;
+        let key = key_of(kind, &obj);
+        let mut db = self.shared.db.lock().unwrap();
+        db.rv += 1;
+        let rv = db.rv;
+        let previous = db.objects.get(&key).cloned();
+        let meta = obj["metadata"].as_object_mut().context("metadata")?;
+        meta.insert("resourceVersion".into(), json!(rv.to_string()));
+        let uid = previous.as_ref().map_or_else(|| json!(format!("uid-{rv}")), |p| p["metadata"]["uid"].clone());
+        meta.insert("uid".into(), uid);
+        meta.entry("creationTimestamp").or_insert(json!("2026-01-01T00:00:00Z"));
+        db.objects.insert(key, obj.clone());
+        let event = if previous.is_some() { "MODIFIED" } else { "ADDED" };
+        self.record(&mut db, kind, event, obj);
         Ok(())
     }
 

@@ -298,6 +298,8 @@ pub struct Node {
     pub proxy_args: Vec<String>,
     /// The node has an uplink the proxy must attach `from_netdev` to before it counts as started.
     pub uplink: bool,
+    /// How long `start_proxy` waits for the proxy to be ready.
+    pub ready_timeout: Duration,
     /// Objects and the proxy's log; removed last.
     pub work: WorkDir,
 }
@@ -360,6 +362,7 @@ impl Node {
             proxy_log: work.join("proxy.log"),
             proxy_args: Vec::new(),
             uplink: false,
+            ready_timeout: Duration::from_secs(20),
             id,
             ns,
             cgroup,
@@ -443,7 +446,7 @@ impl Node {
         let want = self.pods.len();
         let uplink = self.uplink || self.proxy_args.iter().any(|a| a == "--interfaces");
         let log_path = self.proxy_log.clone();
-        wait_for(Duration::from_secs(20), || {
+        wait_for(self.ready_timeout, || {
             let text = fs::read_to_string(&log_path).unwrap_or_default();
             text.contains("ready")
                 && text.matches("attached from_pod").count() >= want
@@ -459,6 +462,11 @@ impl Node {
             p.child.wait()?;
         }
         Ok(())
+    }
+
+    /// The proxy's process ID, while it runs.
+    pub fn proxy_pid(&self) -> Option<u32> {
+        self.proxy.as_ref().map(|p| p.child.id())
     }
 
     /// Stops the proxy with SIGTERM and checks it exited cleanly.

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask <build-ebpf|build|run|demo|test>`.
+//! Developer tasks: `cargo xtask <build-ebpf|build|run|demo|test|bench>`.
 
 use std::{
     path::{Path, PathBuf},
@@ -37,6 +37,12 @@ enum Task {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run the benchmarks (release builds) and write BENCHMARKS.md.
+    Bench {
+        /// A short subset (smaller sizes, fewer samples).
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -172,6 +178,16 @@ fn main() -> Result<()> {
                 bail!("the tests load BPF programs and create network namespaces: run `cargo xtask test` as root");
             }
             run_tests(&mut c)
+        }
+        Task::Bench { quick } => {
+            build(true, &["proxy-userspace", "tests"], true)?;
+            let proxy = target_dir(true).join("ebpf-proxy");
+            let mut args = vec!["--proxy".to_owned(), proxy.display().to_string()];
+            args.extend(["--out".to_owned(), root().join("BENCHMARKS.md").display().to_string()]);
+            if quick {
+                args.push("--quick".into());
+            }
+            privileged(&target_dir(true).join("bench"), &args)
         }
     }
 }

@@ -1,0 +1,284 @@
+//! `cargo xtask bench`: measurements written to BENCHMARKS.md. Needs root (namespaces, BPF).
+//!
+//! Control plane at scale: ebpf-proxy (release build) watching the test API server
+//! (tests/src/apiserver.rs) that holds N Services × 10 endpoints, in a node namespace of the testbed:
+//! - initial sync: from process start to the maps programmed ("ready"), and the reconcile alone;
+//! - one EndpointSlice change → the new backend in the maps, for changes spread over the table,
+//!   detected by reading the pinned maps (p50 / p99 / max);
+//! - memory: the proxy's RSS and the BPF maps' memory.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{HashMap, Map, MapData};
+use proxy_common::{Backend, BackendSlotKey, Frontend, FrontendKey, PROTO_TCP, addr_to_map, port_to_map};
+use serde_json::{Value, json};
+use tests::{
+    apiserver::ApiServer,
+    testbed::{LbMode, Node, run},
+};
+
+const ENDPOINTS: usize = 10;
+
+fn service_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32)
+}
+
+fn endpoint_ip(i: usize, j: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * ENDPOINTS + j) as u32)
+}
+
+fn service(i: usize) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
+        "spec": {"type": "ClusterIP", "clusterIP": service_ip(i).to_string(),
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}})
+}
+
+fn slice(i: usize, addrs: &[Ipv4Addr]) -> Value {
+    let eps: Vec<Value> = addrs
+        .iter()
+        .map(|a| json!({"addresses": [a.to_string()], "conditions": {"ready": true}, "nodeName": "node-b"}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("svc-{i}-1"), "namespace": "bench", "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps})
+}
+
+fn pinned<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str) -> Result<HashMap<MapData, K, V>> {
+    let data = MapData::from_pin(bpffs.join(name)).with_context(|| format!("pinned map {name}"))?;
+    Ok(HashMap::try_from(Map::from_map_data(data)?)?)
+}
+
+/// Whether the maps send Service `i` to `addr` (one of its slots holds a backend with that address).
+struct MapView {
+    frontends: HashMap<MapData, FrontendKey, Frontend>,
+    slots: HashMap<MapData, BackendSlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+}
+
+impl MapView {
+    fn has_backend(&self, i: usize, addr: Ipv4Addr) -> bool {
+        let key =
+            FrontendKey { addr: addr_to_map(service_ip(i).octets()), port: port_to_map(80), proto: PROTO_TCP, _pad: 0 };
+        let Ok(fe) = self.frontends.get(&key, 0) else { return false };
+        (0..u32::from(fe.backend_count)).any(|slot| {
+            self.slots
+                .get(&BackendSlotKey { service_id: fe.service_id, slot }, 0)
+                .and_then(|id| self.backends.get(&id, 0))
+                .is_ok_and(|b| b.addr == addr_to_map(addr.octets()))
+        })
+    }
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+}
+
+/// Memory of the pinned maps, as the kernel accounts it (bpftool's bytes_memlock).
+fn map_memory_bytes(bpffs: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(bpffs)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            continue;
+        }
+        let out = run(std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(&path))?;
+        let v: Value = serde_json::from_str(&out)?;
+        total += v["bytes_memlock"].as_u64().unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// "X (snapshot A, model B, translation C, maps D)" from a sync log line, durations rounded to ms.
+fn sync_phases(line: &str) -> String {
+    let tail = line.rsplit(" in ").next().unwrap_or(line);
+    // Rust's Debug form of a Duration: a decimal number and a unit.
+    let round = |d: &str| {
+        let d = d.trim_matches(|c: char| c == '(' || c == ')' || c == ',');
+        let split = d.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(d.len());
+        let scale = match &d[split..] {
+            "s" => 1e3,
+            "ms" => 1.0,
+            "µs" => 1e-3,
+            "ns" => 1e-6,
+            _ => return d.to_owned(),
+        };
+        d[..split].parse::<f64>().map_or_else(|_| d.to_owned(), |v| format!("{:.0} ms", v * scale))
+    };
+    let words: Vec<&str> = tail.split_whitespace().collect();
+    match words.as_slice() {
+        [total, "(snapshot", s, "model", m, "translation", t, "maps", p] => format!(
+            "{} (snapshot {}, model {}, translation {}, maps {})",
+            round(total),
+            round(s),
+            round(m),
+            round(t),
+            round(p)
+        ),
+        _ => tail.to_owned(),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+struct ControlPlane {
+    services: usize,
+    startup: Duration,
+    reconcile: String,
+    change_phases: String,
+    changes: Vec<Duration>,
+    rss_mib: f64,
+    map_mib: f64,
+}
+
+fn control_plane(binary: &Path, services: usize, changes: usize) -> Result<ControlPlane> {
+    let mut node = Node::new(0)?;
+    let api = ApiServer::start(&node.ns.name)?;
+    for i in 0..services {
+        api.apply_object(service(i))?;
+        let addrs: Vec<Ipv4Addr> = (0..ENDPOINTS).map(|j| endpoint_ip(i, j)).collect();
+        api.apply_object(slice(i, &addrs))?;
+    }
+    let kubeconfig = node.work.0.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig())?;
+    // The pipeline's own latency: no minimum period between syncs (kube-proxy's default of 1s would
+    // dominate every figure).
+    node.proxy_args =
+        ["--kubeconfig", &kubeconfig.display().to_string(), "--min-sync-period", "0s"].map(String::from).to_vec();
+    node.ready_timeout = Duration::from_secs(300);
+    let started = Instant::now();
+    node.start_proxy(binary, LbMode::Socket)?;
+    let startup = started.elapsed();
+    let log = node.proxy_log_text();
+    let reconcile = log.lines().find(|l| l.contains("synced ")).map_or_else(|| "?".into(), sync_phases);
+    let pid = node.proxy_pid().context("proxy pid")?;
+    let rss_mib = rss_kib(pid)? as f64 / 1024.0;
+    let map_mib = map_memory_bytes(&node.bpffs.path)? as f64 / (1024.0 * 1024.0);
+    let view = MapView {
+        frontends: pinned(&node.bpffs.path, "FRONTENDS")?,
+        slots: pinned(&node.bpffs.path, "BACKEND_SLOTS")?,
+        backends: pinned(&node.bpffs.path, "BACKENDS")?,
+    };
+    let mut latencies = Vec::with_capacity(changes);
+    for k in 0..changes {
+        // Spread over the table (a prime stride), each change a new address for endpoint 0.
+        let i = (k * 7919) % services;
+        let new = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 0)) + k as u32);
+        let mut addrs: Vec<Ipv4Addr> = (0..ENDPOINTS).map(|j| endpoint_ip(i, j)).collect();
+        addrs[0] = new;
+        let t0 = Instant::now();
+        api.apply_object(slice(i, &addrs))?;
+        while !view.has_backend(i, new) {
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("change {k} (Service {i}) not programmed after 30 s");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        latencies.push(t0.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Where one change's sync spends its time (the last sync in the log).
+    let log = node.proxy_log_text();
+    let change_phases = log.lines().rev().find(|l| l.contains("synced ")).map_or_else(|| "?".into(), sync_phases);
+    node.stop_proxy()?;
+    Ok(ControlPlane { services, startup, reconcile, change_phases, changes: latencies, rss_mib, map_mib })
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = run(std::process::Command::new("uname").arg("-r")).unwrap_or_default();
+    format!("{} CPUs ({cpu}), kernel {}", std::thread::available_parallelism().map_or(0, |n| n.get()), kernel.trim())
+}
+
+/// Replaces the text between `<!-- name:start -->` and `<!-- name:end -->` in `path` (appending the
+/// section when it is not there yet).
+fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
+    let (start, end) = (format!("<!-- {name}:start -->"), format!("<!-- {name}:end -->"));
+    let current = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
+    let section = format!("{start}\n{body}{end}\n");
+    let updated = match (current.find(&start), current.find(&end)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{section}{}", &current[..a], &current[b + end.len()..].trim_start_matches('\n'))
+        }
+        _ => format!("{}\n{section}", current.trim_end()),
+    };
+    std::fs::write(path, updated)?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let binary = PathBuf::from(value("--proxy").context("--proxy PATH (the release ebpf-proxy)")?);
+    let out = PathBuf::from(value("--out").unwrap_or_else(|| "BENCHMARKS.md".into()));
+    let sizes: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
+    let changes = if quick { 50 } else { 200 };
+    let mut rows = String::new();
+    let mut phases = String::new();
+    for &n in sizes {
+        eprintln!("control plane: {n} Services × {ENDPOINTS} endpoints …");
+        let mut r = control_plane(&binary, n, changes)?;
+        r.changes.sort();
+        phases += &format!("| {} | {} | {} |\n", r.services, r.reconcile, r.change_phases);
+        let line = format!(
+            "| {} | {} | {} | {} | {} | {} | {:.0} MiB | {:.0} MiB |\n",
+            r.services,
+            r.services * ENDPOINTS,
+            ms(r.startup),
+            ms(percentile(&r.changes, 0.5)),
+            ms(percentile(&r.changes, 0.99)),
+            ms(*r.changes.last().unwrap()),
+            r.rss_mib,
+            r.map_mib
+        );
+        eprint!("{line}");
+        rows += &line;
+    }
+    let mut body = String::new();
+    writeln!(body, "## Control plane at scale\n")?;
+    writeln!(
+        body,
+        "ebpf-proxy (release) watching the test API server (`tests/src/apiserver.rs`, real list/watch over \
+         HTTP) in a testbed node namespace; `--min-sync-period 0s` so the figures are the pipeline's own. \
+         Initial sync: process start → maps programmed and `ready` (list of every Service and slice, model, \
+         translation, map writes). \
+         Change → programmed: an EndpointSlice update applied to the API server until the new backend is \
+         read back from the pinned maps, {changes} changes spread over the table (p50 / p99 / max). Memory: \
+         the proxy's RSS after the initial sync, and the kernel's accounting of all pinned BPF maps.\n"
+    )?;
+    writeln!(body, "Machine: {}. Reproduce: `cargo xtask bench{}`.\n", machine(), if quick { " --quick" } else { "" })?;
+    writeln!(body, "| Services | endpoints | initial sync | change p50 | change p99 | change max | RSS | BPF maps |")?;
+    writeln!(body, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    body += &rows;
+    writeln!(
+        body,
+        "\nWhere a sync spends its time (from the proxy's log): the initial one, and the one for the last change.\n"
+    )?;
+    writeln!(body, "| Services | initial sync | one change |")?;
+    writeln!(body, "|---:|---|---|")?;
+    body += &phases;
+    body += "\n";
+    write_section(&out, "control-plane", &body)?;
+    eprintln!("written to {}", out.display());
+    Ok(())
+}
