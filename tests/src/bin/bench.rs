@@ -217,7 +217,7 @@ fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
     let section = format!("{start}\n{body}{end}\n");
     let updated = match (current.find(&start), current.find(&end)) {
         (Some(a), Some(b)) if a < b => {
-            format!("{}{section}{}", &current[..a], &current[b + end.len()..].trim_start_matches('\n'))
+            format!("{}{section}{}", &current[..a], current[b + end.len()..].trim_start_matches('\n'))
         }
         _ => format!("{}\n{section}", current.trim_end()),
     };
