@@ -34,9 +34,11 @@ use kube::{
         watcher::{self, Event},
     },
 };
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
 use crate::{
+    metrics::SyncMetrics,
     model::SERVICE_PROXY_NAME_LABEL,
     objects::Objects,
     source::{Source, notifier},
@@ -88,6 +90,7 @@ fn watch_kind<K>(
     kind: &'static str,
     lists: InitialLists,
     tx: mpsc::Sender<()>,
+    changes: Option<Counter>,
 ) -> (Store<K>, tokio::task::JoinHandle<()>)
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Serialize + Send + Sync + 'static,
@@ -121,6 +124,12 @@ where
                 }
                 log::info!("{kind}: listed {} objects", reader.len());
             }
+            if changed
+                && matches!(event, Event::Apply(_) | Event::Delete(_))
+                && let Some(c) = &changes
+            {
+                c.inc();
+            }
             if changed && lists.0.load(Ordering::SeqCst) == KINDS {
                 // A pending notification already covers this change.
                 let _ = tx.try_send(());
@@ -132,7 +141,7 @@ where
 
 /// Starts the watchers. `node_name` selects the one Node watched (its topology labels and whether it
 /// is being deleted).
-pub fn start(client: Client, node_name: &str, service_proxy_name: Option<&str>) -> Source {
+pub fn start(client: Client, node_name: &str, service_proxy_name: Option<&str>, metrics: &SyncMetrics) -> Source {
     let (tx, rx) = notifier();
     let lists = InitialLists::default();
     let selector = label_selector(service_proxy_name);
@@ -142,6 +151,7 @@ pub fn start(client: Client, node_name: &str, service_proxy_name: Option<&str>) 
         "Services",
         lists.clone(),
         tx.clone(),
+        Some(metrics.service_changes.clone()),
     );
     let (slices, t2) = watch_kind(
         Api::<EndpointSlice>::all(client.clone()),
@@ -149,6 +159,7 @@ pub fn start(client: Client, node_name: &str, service_proxy_name: Option<&str>) 
         "EndpointSlices",
         lists.clone(),
         tx.clone(),
+        Some(metrics.endpoint_changes.clone()),
     );
     let (nodes, t3) = watch_kind(
         Api::<Node>::all(client),
@@ -156,6 +167,7 @@ pub fn start(client: Client, node_name: &str, service_proxy_name: Option<&str>) 
         "Nodes",
         lists,
         tx,
+        None,
     );
     let snapshot = Box::new(move || Objects {
         services: services.state().iter().map(|s| (**s).clone()).collect(),

@@ -35,6 +35,9 @@ pub struct SyncMetrics {
     pub last_queued_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub network_programming: Histogram,
     pub sync_failures: Counter,
+    /// Changes seen from the API server (kube-proxy's change trackers count the same).
+    pub service_changes: Counter,
+    pub endpoint_changes: Counter,
     /// Objects skipped as malformed, by kind.
     pub skipped_objects: Family<Vec<(String, String)>, Gauge>,
 }
@@ -48,6 +51,8 @@ impl SyncMetrics {
             last_queued_timestamp: Gauge::default(),
             network_programming: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             sync_failures: Counter::default(),
+            service_changes: Counter::default(),
+            endpoint_changes: Counter::default(),
             skipped_objects: Family::default(),
         }
     }
@@ -187,6 +192,16 @@ impl Metrics {
             "network_programming_duration_seconds",
             "In Cluster Network Programming Latency in seconds",
             sync.network_programming.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            sync.service_changes.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            sync.endpoint_changes.clone(),
         );
         let own = registry.sub_registry_with_prefix("ebpf_proxy");
         own.register("sync_failures", "Syncs that failed and were retried", sync.sync_failures.clone());

@@ -423,7 +423,7 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
         Some(path) => source::files(path.clone()),
         None => {
             let client = kube_source::client(args.kubeconfig.as_deref()).await?;
-            kube_source::start(client, &args.node.node_name, args.service_proxy_name.as_deref())
+            kube_source::start(client, &args.node.node_name, args.service_proxy_name.as_deref(), &proxy.metrics.sync)
         }
     };
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -85,6 +85,10 @@ fn api_changes_reach_the_datapath_and_malformed_or_foreign_objects_are_skipped()
     wait_for(Duration::from_secs(5), || node.proxy_log_text().contains("Service default/bad skipped")).unwrap();
     let metrics = run(node.ns.command("curl").args(["-sS", "http://127.0.0.1:10249/metrics"])).unwrap();
     assert!(metrics.contains("ebpf_proxy_skipped_objects{kind=\"Service\"} 1"), "{metrics}");
+    // Changes after the initial list: the Service "bad" (web was re-applied unchanged — a no-op, not
+    // counted — and the other proxy's Service is never even listed), and web's slice update.
+    assert!(metrics.contains("kubeproxy_sync_proxy_rules_service_changes_total 1"), "{metrics}");
+    assert!(metrics.contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 1"), "{metrics}");
     let fe = frontends(&node);
     assert!(!fe.iter().any(|f| f.starts_with("10.96.0.12")), "another proxy's Service was programmed: {fe:?}");
     assert_eq!(reached(&node, 10).len(), 3);
