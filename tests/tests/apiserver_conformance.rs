@@ -1,0 +1,292 @@
+//! The test API server (tests/src/apiserver.rs) against a real kube-apiserver v1.20.2 (built offline
+//! by scripts/setup.sh from Debian's source package, with etcd from PyPI), both inside a test network
+//! namespace: the same requests for Services and Nodes — lists, label and field selectors, watches
+//! from a resourceVersion, and a watch from an expired resourceVersion — must give answers of the same
+//! shape and content. (1.20 serves EndpointSlices only as v1beta1, so they are left out.)
+//! Needs root; fails (never skips) without the binaries.
+
+use std::{
+    io::Read as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use tests::{
+    apiserver::ApiServer,
+    testbed::{Netns, Proc, WorkDir, require_privileges, run, unique_id, wait_for},
+};
+
+fn tool(name: &str) -> PathBuf {
+    let home = std::env::var("EBPF_PROXY_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".local/ebpf-proxy"));
+    let path = match name {
+        "etcd" => home.join("venv/bin/etcd"),
+        _ => home.join(name),
+    };
+    assert!(path.is_file(), "{} missing: run scripts/setup.sh", path.display());
+    path
+}
+
+/// One API server as the test talks to it: base URL and curl options.
+struct Endpoint {
+    base: String,
+    curl_opts: Vec<String>,
+}
+
+impl Endpoint {
+    fn get(&self, ns: &Netns, path: &str) -> Value {
+        let out =
+            run(ns.command("curl").args(["-sS", "-m", "10"]).args(&self.curl_opts).arg(format!("{}{path}", self.base)))
+                .unwrap_or_else(|e| panic!("GET {path}: {e:#}"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("GET {path}: {e}: {out}"))
+    }
+
+    /// A watch request read until the server ends it; its events.
+    fn watch(&self, ns: &Netns, path: &str) -> std::process::Child {
+        ns.command("curl")
+            .args(["-sS", "-N", "-m", "15"])
+            .args(&self.curl_opts)
+            .arg(format!("{}{path}", self.base))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn send(&self, ns: &Netns, method: &str, path: &str, body: &Value, content_type: &str) {
+        run(ns
+            .command("curl")
+            .args(["-sS", "--fail", "-m", "10", "-X", method, "-H", &format!("Content-Type: {content_type}")])
+            .args(&self.curl_opts)
+            .arg("--data-binary")
+            .arg(body.to_string())
+            .arg(format!("{}{path}", self.base)))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"));
+    }
+}
+
+fn events(mut child: std::process::Child) -> Vec<Value> {
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let _ = child.wait();
+    out.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// A real kube-apiserver with its etcd, in `ns`; stopped on drop.
+struct RealApiServer {
+    _apiserver: Proc,
+    _etcd: Proc,
+    endpoint: Endpoint,
+}
+
+fn start_real(ns: &Netns, dir: &std::path::Path) -> RealApiServer {
+    std::fs::write(dir.join("tokens.csv"), "admintoken,admin,admin,system:masters\n").unwrap();
+    run(Command::new("openssl").args(["genrsa", "-out"]).arg(dir.join("sa.key")).arg("2048")).unwrap();
+    let mut etcd = ns.command(tool("etcd"));
+    etcd.arg("--data-dir")
+        .arg(dir.join("etcd"))
+        .args(["--listen-client-urls", "http://127.0.0.1:23790", "--advertise-client-urls", "http://127.0.0.1:23790"])
+        .args(["--listen-peer-urls", "http://127.0.0.1:23800"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap());
+    let etcd = Proc::spawn(etcd, "etcd").unwrap();
+    let mut api = ns.command(tool("kube-apiserver"));
+    api.args(["--etcd-servers=http://127.0.0.1:23790", "--secure-port=16443", "--bind-address=127.0.0.1"])
+        // A namespace with only loopback has no default route to take an address from.
+        .arg("--advertise-address=127.0.0.1")
+        // A short history, so that a resourceVersion expires within the test: watches served by
+        // etcd (no watch cache, which keeps at least 75 s), compacted every 2 s (default 5 min).
+        .args(["--watch-cache=false", "--etcd-compaction-interval=2s"])
+        .arg(format!("--cert-dir={}", dir.join("certs").display()))
+        .arg("--service-account-issuer=https://kubernetes.default.svc")
+        .arg(format!("--service-account-key-file={}", dir.join("sa.key").display()))
+        .arg(format!("--service-account-signing-key-file={}", dir.join("sa.key").display()))
+        .arg(format!("--token-auth-file={}", dir.join("tokens.csv").display()))
+        .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.96.0.0/16"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("apiserver.log")).unwrap());
+    let apiserver = Proc::spawn(api, "kube-apiserver").unwrap();
+    let endpoint = Endpoint {
+        base: "https://127.0.0.1:16443".into(),
+        curl_opts: vec!["-k".into(), "-H".into(), "Authorization: Bearer admintoken".into()],
+    };
+    wait_for(Duration::from_secs(60), || {
+        run(ns
+            .command("curl")
+            .args(["-sk", "--fail", "-m", "2"])
+            .args(&endpoint.curl_opts[1..])
+            .arg("https://127.0.0.1:16443/readyz"))
+        .is_ok()
+    })
+    .unwrap_or_else(|_| {
+        panic!("kube-apiserver not ready: {}", std::fs::read_to_string(dir.join("apiserver.log")).unwrap_or_default())
+    });
+    RealApiServer { _apiserver: apiserver, _etcd: etcd, endpoint }
+}
+
+const NS: &str = "conf";
+
+fn service(name: &str, ip: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS, "labels": labels},
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}})
+}
+
+fn node(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": "zone-a"}}})
+}
+
+/// What both servers are compared on: the names in a list (of our namespace, for Services), its kind
+/// and apiVersion, whether items carry kind/apiVersion, and the resourceVersion's form.
+fn list_shape(list: &Value) -> Value {
+    let items = list["items"].as_array().unwrap();
+    let mut names: Vec<&str> = items
+        .iter()
+        .filter(|i| i["metadata"]["namespace"].as_str().is_none_or(|n| n == NS))
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    json!({
+        "kind": list["kind"], "apiVersion": list["apiVersion"], "names": names,
+        "numericResourceVersion": list["metadata"]["resourceVersion"].as_str().is_some_and(|v| v.parse::<u64>().is_ok()),
+        "itemsCarryKind": items.iter().any(|i| i.get("kind").is_some()),
+    })
+}
+
+/// The events of a watch, reduced to type, kind, apiVersion and name (ours only), and whether the
+/// resourceVersions grow.
+fn watch_shape(events: &[Value]) -> Value {
+    let ours: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] != "BOOKMARK")
+        .filter(|e| e["object"]["metadata"]["namespace"].as_str().is_none_or(|n| n == NS))
+        .collect();
+    let rvs: Vec<u64> =
+        ours.iter().filter_map(|e| e["object"]["metadata"]["resourceVersion"].as_str()?.parse().ok()).collect();
+    json!({
+        "events": ours.iter().map(|e| json!([e["type"], e["object"]["kind"], e["object"]["apiVersion"], e["object"]["metadata"]["name"]])).collect::<Vec<_>>(),
+        "increasing": rvs.windows(2).all(|w| w[0] < w[1]),
+    })
+}
+
+fn expired_shape(events: &[Value]) -> Value {
+    let e = events.first().cloned().unwrap_or(Value::Null);
+    json!({"count": events.len(), "type": e["type"], "kind": e["object"]["kind"], "code": e["object"]["code"], "reason": e["object"]["reason"]})
+}
+
+#[test]
+fn the_test_api_server_answers_like_kube_apiserver_for_services_and_nodes() {
+    require_privileges().unwrap();
+    let id = unique_id();
+    let ns = Netns::new(format!("epx-{id}-api")).unwrap();
+    let dir = WorkDir(std::env::temp_dir().join(format!("epx-{id}")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let real = start_real(&ns, &dir.0);
+    let ours_server = ApiServer::start(&ns.name).unwrap();
+    let ours = Endpoint { base: format!("http://{}", ours_server.addr), curl_opts: Vec::new() };
+
+    // The same objects in both.
+    real.endpoint.send(
+        &ns,
+        "POST",
+        "/api/v1/namespaces",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}),
+        "application/json",
+    );
+    let objects = [
+        service("web", "10.96.0.10", json!({"app": "web"})),
+        service("foreign", "10.96.0.11", json!({"service.kubernetes.io/service-proxy-name": "other"})),
+        service("gone", "10.96.0.12", json!({"app": "gone"})),
+    ];
+    for s in &objects {
+        real.endpoint.send(&ns, "POST", &format!("/api/v1/namespaces/{NS}/services"), s, "application/json");
+        ours_server.apply_object(s.clone()).unwrap();
+    }
+    for n in [node("node-a"), node("node-b")] {
+        real.endpoint.send(&ns, "POST", "/api/v1/nodes", &n, "application/json");
+        ours_server.apply_object(n).unwrap();
+    }
+
+    let selector = "labelSelector=%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless";
+    let mut shapes = Vec::new();
+    for (who, ep) in [("kube-apiserver", &real.endpoint), ("test server", &ours)] {
+        let services = ep.get(&ns, &format!("/api/v1/services?{selector}"));
+        let nodes = ep.get(&ns, "/api/v1/nodes?fieldSelector=metadata.name%3Dnode-a");
+        let rv = services["metadata"]["resourceVersion"].as_str().unwrap().to_owned();
+        // A watch from the list's resourceVersion, with kube-proxy's selector, while one Service is
+        // changed, one deleted and the other proxy's Service changed (not selected: no event).
+        let watch = ep.watch(
+            &ns,
+            &format!(
+                "/api/v1/services?watch=true&{selector}&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=3"
+            ),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let patch = json!({"metadata": {"labels": {"changed": "yes"}}});
+        if who == "kube-apiserver" {
+            ep.send(
+                &ns,
+                "PATCH",
+                &format!("/api/v1/namespaces/{NS}/services/web"),
+                &patch,
+                "application/merge-patch+json",
+            );
+            ep.send(
+                &ns,
+                "PATCH",
+                &format!("/api/v1/namespaces/{NS}/services/foreign"),
+                &patch,
+                "application/merge-patch+json",
+            );
+            ep.send(&ns, "DELETE", &format!("/api/v1/namespaces/{NS}/services/gone"), &json!({}), "application/json");
+        } else {
+            let mut web = objects[0].clone();
+            web["metadata"]["labels"]["changed"] = json!("yes");
+            ours_server.apply_object(web).unwrap();
+            let mut foreign = objects[1].clone();
+            foreign["metadata"]["labels"]["changed"] = json!("yes");
+            ours_server.apply_object(foreign).unwrap();
+            ours_server.delete(tests::apiserver::Kind::Service, NS, "gone").unwrap();
+        }
+        let started = Instant::now();
+        let watched = events(watch);
+        assert!(started.elapsed() < Duration::from_secs(10), "{who}: the watch did not end at timeoutSeconds");
+        // A watch from a resourceVersion the server no longer has the history for: 20 changes and a
+        // compaction later.
+        let before = ep.get(&ns, "/api/v1/services")["metadata"]["resourceVersion"].as_str().unwrap().to_owned();
+        for n in 0..20 {
+            let patch = json!({"metadata": {"labels": {"changed": format!("n{n}")}}});
+            if who == "kube-apiserver" {
+                ep.send(
+                    &ns,
+                    "PATCH",
+                    &format!("/api/v1/namespaces/{NS}/services/web"),
+                    &patch,
+                    "application/merge-patch+json",
+                );
+            } else {
+                let mut web = objects[0].clone();
+                web["metadata"]["labels"]["changed"] = json!(format!("n{n}"));
+                ours_server.apply_object(web).unwrap();
+            }
+        }
+        if who == "test server" {
+            ours_server.compact();
+        } else {
+            // Two compaction rounds: the first records a revision, the next compacts to it.
+            std::thread::sleep(Duration::from_secs(5));
+        }
+        let expired =
+            events(ep.watch(&ns, &format!("/api/v1/services?watch=true&resourceVersion={before}&timeoutSeconds=3")));
+        let shape = json!({
+            "services": list_shape(&services),
+            "nodes": list_shape(&nodes),
+            "watch": watch_shape(&watched),
+            "expired": expired_shape(&expired),
+        });
+        println!("{who}: {shape:#}");
+        shapes.push(shape);
+    }
+    assert_eq!(shapes[0], shapes[1], "the test server differs from kube-apiserver");
+}
