@@ -73,21 +73,39 @@ fn api_changes_reach_the_datapath_and_malformed_or_foreign_objects_are_skipped()
     node.wait_for_syncs(2).unwrap();
     assert_eq!(reached(&node, 30), pods(&["pod-0", "pod-1", "pod-2"]));
 
-    // A malformed Service (address out of range) and one for another proxy: skipped, the rest works.
-    api.apply(&service_yaml("bad", Ipv4Addr::new(10, 96, 0, 11), 80, "TCP").replace("10.96.0.11", "10.96.0.300"))
-        .unwrap();
+    // Malformed Services — an address out of range, port 0, the same port twice, an unknown protocol,
+    // an IPv6 address on this IPv4-only proxy — and one for another proxy: skipped, the rest works.
+    let bad = |name: &str, ip: &str, ports: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{type: ClusterIP, clusterIP: \"{ip}\", ports: {ports}}}\n"
+        )
+    };
+    let malformed = [
+        bad("bad-ip", "10.96.0.300", "[{name: p, port: 80}]"),
+        bad("port-zero", "10.96.0.21", "[{name: p, port: 0}]"),
+        bad("duplicate-port", "10.96.0.22", "[{name: a, port: 80}, {name: b, port: 80}]"),
+        bad("unknown-protocol", "10.96.0.23", "[{name: p, port: 80, protocol: QUIC}]"),
+        bad("ipv6", "fd00::23", "[{name: p, port: 80}]"),
+    ];
+    for m in &malformed {
+        api.apply(m).unwrap();
+    }
     api.apply(&service_yaml("other", Ipv4Addr::new(10, 96, 0, 12), 80, "TCP").replace(
         "namespace: default}",
         "namespace: default, labels: {service.kubernetes.io/service-proxy-name: other}}",
     ))
     .unwrap();
-    node.wait_for_syncs(3).unwrap();
-    wait_for(Duration::from_secs(5), || node.proxy_log_text().contains("Service default/bad skipped")).unwrap();
+    wait_for(Duration::from_secs(10), || node.proxy_log_text().contains("Service default/ipv6 skipped")).unwrap();
+    let log = node.proxy_log_text();
+    for name in ["bad-ip", "port-zero", "duplicate-port", "unknown-protocol", "ipv6"] {
+        assert!(log.contains(&format!("Service default/{name} skipped")), "{name} not reported:\n{log}");
+    }
     let metrics = run(node.ns.command("curl").args(["-sS", "http://127.0.0.1:10249/metrics"])).unwrap();
-    assert!(metrics.contains("ebpf_proxy_skipped_objects{kind=\"Service\"} 1"), "{metrics}");
-    // Changes after the initial list: the Service "bad" (web was re-applied unchanged — a no-op, not
-    // counted — and the other proxy's Service is never even listed), and web's slice update.
-    assert!(metrics.contains("kubeproxy_sync_proxy_rules_service_changes_total 1"), "{metrics}");
+    assert!(metrics.contains("ebpf_proxy_skipped_objects{kind=\"Service\"} 5"), "{metrics}");
+    // Changes after the initial list: the five malformed Services (web was re-applied unchanged — a
+    // no-op, not counted — and the other proxy's Service is never even listed), and web's slice update.
+    assert!(metrics.contains("kubeproxy_sync_proxy_rules_service_changes_total 5"), "{metrics}");
     assert!(metrics.contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 1"), "{metrics}");
     let fe = frontends(&node);
     assert!(!fe.iter().any(|f| f.starts_with("10.96.0.12")), "another proxy's Service was programmed: {fe:?}");
