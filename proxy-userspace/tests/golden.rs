@@ -105,7 +105,7 @@ fn render(d: &DesiredMaps) -> String {
         let fl = flags(u32::from(s.flags), &[(u32::from(SERVICE_ADDR_F_CLUSTER_IP), "CLUSTER_IP")]);
         writeln!(out, "SERVICE_ADDRS {} -> frontends {} flags {fl}", ip(*a), s.frontends).unwrap();
     }
-    for ((len, k), _) in &d.source_ranges {
+    for (len, k) in d.source_ranges.keys() {
         writeln!(
             out,
             "SOURCE_RANGES service {} {}/{}",
