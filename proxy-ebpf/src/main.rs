@@ -36,6 +36,13 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
     tc_action(service::try_handle(&ctx, service::Side::Netdev))
 }
 
+/// The benchmarks' baseline: the same packet parsing as the Service programs, then pass. What a
+/// packet costs in `from_pod` beyond this is the cost of the Service datapath itself. Never attached.
+#[classifier]
+pub fn parse_only(ctx: TcContext) -> i32 {
+    tc_action(packet::parse(&ctx).map(|_| aya_ebpf::bindings::TC_ACT_OK))
+}
+
 /// A tc program's return value: the action, or a drop counted under its reason.
 #[inline(always)]
 fn tc_action(result: Result<i32, u32>) -> i32 {

@@ -33,6 +33,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROG_FROM_POD: &str = "from_pod";
 pub const PROG_FROM_NETDEV: &str = "from_netdev";
 pub const TC_PROGRAMS: [&str; 2] = [PROG_FROM_POD, PROG_FROM_NETDEV];
+/// The benchmarks' baseline (never attached).
+pub const PROG_BASELINE: &str = "parse_only";
 pub const SOCK_PROGRAMS: [&str; 4] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];
 pub const MAP_NAMES: [&str; 13] = [
     "FRONTENDS",
@@ -150,6 +152,14 @@ impl Datapath {
             prog.load().with_context(|| format!("loading {name}"))?;
         }
         Ok(Self { ebpf, link_dir: None, tc_links: BTreeMap::new(), sock_links: Vec::new(), keep: false })
+    }
+
+    /// Loads `parse_only`, the benchmarks' baseline program (parsing as the Service programs do,
+    /// then pass), for BPF_PROG_TEST_RUN.
+    pub fn load_baseline(&mut self) -> Result<()> {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_BASELINE)?.try_into()?;
+        prog.load().context("loading parse_only")?;
+        Ok(())
     }
 
     /// The load-balancing maps, for the reconciler.

@@ -9,17 +9,27 @@
 
 use std::{
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap, Map, MapData};
+use aya::programs::{TestRun as _, TestRunOptions};
+use ebpf_proxy::{
+    config::NodeArgs,
+    datapath::{Datapath, MapMode, PROG_BASELINE, PROG_FROM_POD},
+    model::{self, ModelOptions},
+    objects::Objects,
+    reconcile::Reconciler,
+    translate::{self, Ids, NodeContext},
+};
 use proxy_common::{Backend, BackendSlotKey, Frontend, FrontendKey, PROTO_TCP, addr_to_map, port_to_map};
 use serde_json::{Value, json};
 use tests::{
     apiserver::ApiServer,
+    packets,
     testbed::{LbMode, Node, run},
 };
 
@@ -198,6 +208,127 @@ fn control_plane(binary: &Path, services: usize, changes: usize) -> Result<Contr
     Ok(ControlPlane { services, startup, reconcile, change_phases, changes: latencies, rss_mib, map_mib })
 }
 
+/// Kernel-measured run time of one packet through `program` (BPF_PROG_TEST_RUN, one run per call so
+/// every run starts from the same packet — a repeated run would see its own rewrite).
+fn run_ns(dp: &Datapath, program: &str, packet: &[u8]) -> Result<Duration> {
+    let prog = dp.classifier(program)?;
+    let mut out = vec![0u8; packet.len() + 64];
+    let r = prog.test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ..Default::default() })?;
+    Ok(r.duration)
+}
+
+fn median_ns(samples: &mut [Duration]) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_nanos() as f64
+}
+
+struct PacketCost {
+    services: usize,
+    baseline: f64,
+    not_service: f64,
+    established: f64,
+    new_connection: f64,
+}
+
+/// One table size, programmed: private maps filled by the same translation as `run`.
+struct PacketBed {
+    services: usize,
+    dp: Datapath,
+    syn: Vec<u8>,
+    to_pod: Vec<u8>,
+    vip: SocketAddrV4,
+    /// Runs so far of each kind (index into the samples; new connections take a new port from it).
+    runs: usize,
+    samples: [Vec<Duration>; 4],
+}
+
+fn client(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 9), port)
+}
+
+impl PacketBed {
+    fn new(services: usize) -> Result<Self> {
+        let mut objs = Objects::default();
+        for i in 0..services {
+            objs.services.push(serde_json::from_value(service(i))?);
+            let addrs: Vec<Ipv4Addr> = (0..ENDPOINTS).map(|j| endpoint_ip(i, j)).collect();
+            objs.slices.push(serde_json::from_value(slice(i, &addrs))?);
+        }
+        let model = model::build(&objs, &ModelOptions::default());
+        let args = NodeArgs {
+            node_name: "node-a".into(),
+            node_ips: vec![Ipv4Addr::new(192, 168, 0, 2)],
+            cluster_cidr: Some("10.244.0.0/16".parse()?),
+            ..Default::default()
+        };
+        let (desired, _) = translate::translate(&model, &NodeContext::new(&args, &model), &mut Ids::default());
+        let mut dp = Datapath::load(MapMode::Private)?;
+        dp.load_baseline()?;
+        let mut tables = dp.tables()?;
+        Reconciler::new(&tables)?.sync(&desired, &mut tables)?;
+        // A Service in the middle of the table, from a pod.
+        let vip = SocketAddrV4::new(service_ip(services / 2), 80);
+        let syn = packets::tcp(client(40_000), vip, true, false, &[]);
+        let to_pod = packets::tcp(client(40_001), SocketAddrV4::new(endpoint_ip(0, 0), 8080), true, false, &[]);
+        Ok(Self { services, dp, syn, to_pod, vip, runs: 0, samples: Default::default() })
+    }
+
+    /// `n` runs of each kind; recorded unless `warmup`.
+    fn run(&mut self, n: usize, warmup: bool) -> Result<()> {
+        for _ in 0..n {
+            // A new source port every time: conntrack miss, backend choice, both entries created.
+            let new_conn = packets::tcp(client(1024 + (self.runs % 60_000) as u16), self.vip, true, false, &[]);
+            let d = [
+                run_ns(&self.dp, PROG_BASELINE, &self.syn)?,
+                run_ns(&self.dp, PROG_FROM_POD, &self.to_pod)?,
+                // The first run creates the connection; every later one finds it in conntrack.
+                run_ns(&self.dp, PROG_FROM_POD, &self.syn)?,
+                run_ns(&self.dp, PROG_FROM_POD, &new_conn)?,
+            ];
+            self.runs += 1;
+            if !warmup {
+                for (s, d) in self.samples.iter_mut().zip(d) {
+                    s.push(d);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn result(mut self) -> PacketCost {
+        let [b, n, e, c] = &mut self.samples;
+        PacketCost {
+            services: self.services,
+            baseline: median_ns(b),
+            not_service: median_ns(n),
+            established: median_ns(e),
+            new_connection: median_ns(c),
+        }
+    }
+}
+
+/// The per-packet cost of `from_pod` at each size against `parse_only`: every size programmed first,
+/// then measured in interleaved rounds so that the machine's drift falls on all sizes alike.
+fn packet_costs(sizes: &[usize], samples: usize) -> Result<Vec<PacketCost>> {
+    let mut beds = sizes
+        .iter()
+        .map(|&n| {
+            eprintln!("per-packet cost: programming {n} Services × {ENDPOINTS} endpoints …");
+            PacketBed::new(n)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    const ROUND: usize = 500;
+    for bed in &mut beds {
+        bed.run(ROUND, true)?;
+    }
+    for _ in 0..samples.div_ceil(ROUND) {
+        for bed in &mut beds {
+            bed.run(ROUND, false)?;
+        }
+    }
+    Ok(beds.into_iter().map(PacketBed::result).collect())
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -231,13 +362,27 @@ fn main() -> Result<()> {
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let binary = PathBuf::from(value("--proxy").context("--proxy PATH (the release ebpf-proxy)")?);
     let out = PathBuf::from(value("--out").unwrap_or_else(|| "BENCHMARKS.md".into()));
+    // `--only control-plane|packet-cost` runs one part.
+    let only = value("--only");
+    let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    if wants("control-plane") {
+        control_plane_section(&binary, &out, quick)?;
+    }
+    if wants("packet-cost") {
+        packet_cost_section(&out, quick)?;
+    }
+    eprintln!("written to {}", out.display());
+    Ok(())
+}
+
+fn control_plane_section(binary: &Path, out: &Path, quick: bool) -> Result<()> {
     let sizes: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
     let changes = if quick { 50 } else { 200 };
     let mut rows = String::new();
     let mut phases = String::new();
     for &n in sizes {
         eprintln!("control plane: {n} Services × {ENDPOINTS} endpoints …");
-        let mut r = control_plane(&binary, n, changes)?;
+        let mut r = control_plane(binary, n, changes)?;
         r.changes.sort();
         phases += &format!("| {} | {} | {} |\n", r.services, r.reconcile, r.change_phases);
         let line = format!(
@@ -278,7 +423,57 @@ fn main() -> Result<()> {
     writeln!(body, "|---:|---|---|")?;
     body += &phases;
     body += "\n";
-    write_section(&out, "control-plane", &body)?;
-    eprintln!("written to {}", out.display());
-    Ok(())
+    write_section(out, "control-plane", &body)
+}
+
+fn packet_cost_section(out: &Path, quick: bool) -> Result<()> {
+    // Per-packet cost, in a thread of its own in an empty network namespace (the programs' FIB
+    // lookups then find nothing, on every machine alike).
+    let packet_sizes: Vec<usize> = if quick { vec![100, 10_000] } else { vec![100, 1_000, 10_000, 30_000] };
+    let samples = if quick { 5_000 } else { 20_000 };
+    let costs = std::thread::spawn(move || -> Result<Vec<PacketCost>> {
+        tests::isolate_thread_netns();
+        packet_costs(&packet_sizes, samples)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("per-packet benchmark panicked"))??;
+    let first = &costs[0];
+    let growth = |now: f64, then: f64| format!("{:+.0}%", (now / then - 1.0) * 100.0);
+    let mut body = String::new();
+    writeln!(body, "## Per-packet cost of the tc program\n")?;
+    writeln!(
+        body,
+        "`from_pod` run by BPF_PROG_TEST_RUN on a TCP SYN from a pod, one run per call (a repeated run \
+         would see its own rewrite), median of {samples} runs, kernel-measured, the sizes measured in interleaved rounds of 500; `parse_only` is the \
+         baseline — the same packet parsing, then pass. Services × {ENDPOINTS} endpoints programmed by the \
+         same translation as `run`; the Service hit is in the middle of the table. \
+         Established: conntrack hit and DNAT; new connection: a new source port each run (conntrack miss, \
+         backend choice, both entries created); not a Service: a packet to a pod address.\n"
+    )?;
+    writeln!(body, "Machine: {}. Reproduce: `cargo xtask bench{}`.\n", machine(), if quick { " --quick" } else { "" })?;
+    writeln!(
+        body,
+        "| Services | parse_only | not a Service | established | new connection | established ÷ parse_only | vs {} Services |",
+        first.services
+    )?;
+    writeln!(body, "|---:|---:|---:|---:|---:|---:|---:|")?;
+    // The ratio to the baseline measured in the same run is what to compare across sizes: this
+    // machine's speed drifts between runs, and the baseline drifts with it.
+    let ratio = |c: &PacketCost| c.established / c.baseline;
+    for c in &costs {
+        let line = format!(
+            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns | {:.2} | {} |\n",
+            c.services,
+            c.baseline,
+            c.not_service,
+            c.established,
+            c.new_connection,
+            ratio(c),
+            growth(ratio(c), ratio(first))
+        );
+        eprint!("{line}");
+        body += &line;
+    }
+    body += "\n";
+    write_section(out, "packet-cost", &body)
 }
