@@ -196,6 +196,8 @@ struct Proxy {
     metrics: Arc<Metrics>,
     /// EndpointSlice change trigger times already observed (network programming latency).
     seen_triggers: BTreeSet<(String, String)>,
+    /// Skipped objects and translation notes as last logged.
+    reported: BTreeSet<String>,
 }
 
 /// The annotation the EndpointSlice controller sets to when the change that produced a slice happened.
@@ -240,9 +242,6 @@ impl Proxy {
     async fn apply(&mut self, objects: &Objects, full: bool, snapshot: Duration) -> bool {
         let started = Instant::now();
         let model = model::build(objects, &self.model_opts);
-        for e in &model.errors {
-            log::warn!("{e}");
-        }
         self.metrics.sync.set_skipped(&model.errors);
         self.proxy_health.set_node_eligible(node_eligible(objects, &self.node.node_name));
         if full && let Err(e) = self.reconciler.refresh(&self.tables) {
@@ -255,9 +254,12 @@ impl Proxy {
         node.host_netns_cookie = self.host_netns_cookie;
         let modelled = started.elapsed();
         let (desired, notes) = translate::translate(&model, &node, &mut self.ids);
-        for n in &notes {
-            log::warn!("{n}");
+        // Every sync sees the same problems again: each is logged once, when it first appears.
+        let problems: BTreeSet<String> = model.errors.iter().chain(&notes).cloned().collect();
+        for p in problems.difference(&self.reported) {
+            log::warn!("{p}");
         }
+        self.reported = problems;
         let translated = started.elapsed();
         let synced = match self.reconciler.sync(&desired, &mut self.tables) {
             Ok(s) if full && s.written == 0 && s.deleted == 0 => {
@@ -409,6 +411,7 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
         proxy_health: ProxyHealth::new(2 * args.sync_period),
         metrics: Arc::new(Metrics::new(&args.bpffs)?),
         seen_triggers: BTreeSet::new(),
+        reported: BTreeSet::new(),
     };
     let _healthz = proxy.proxy_health.clone().serve(args.healthz_bind_address).await?;
     let _metrics = proxy.metrics.clone().serve(args.metrics_bind_address).await?;

@@ -114,6 +114,8 @@ fn api_changes_reach_the_datapath_and_malformed_or_foreign_objects_are_skipped()
     // A deletion.
     api.delete(Kind::Service, "default", "web").unwrap();
     wait_for(Duration::from_secs(10), || !frontends(&node).iter().any(|f| f == "10.96.0.10:80")).unwrap();
+    // Syncs after the malformed Services arrived did not report them again.
+    assert_eq!(node.proxy_log_text().matches("Service default/bad-ip skipped").count(), 1);
     node.stop_proxy().unwrap();
 }
 
