@@ -209,6 +209,20 @@ fn the_test_api_server_answers_like_kube_apiserver_for_services_and_nodes() {
     }
 
     let selector = "labelSelector=%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless";
+    // Sets the label `changed` on one of `objects`: a merge patch to kube-apiserver, a replacement in
+    // the test server (what a PATCH amounts to there).
+    let relabel = |who: &str, index: usize, value: &str| {
+        let name = objects[index]["metadata"]["name"].as_str().unwrap();
+        if who == "kube-apiserver" {
+            let patch = json!({"metadata": {"labels": {"changed": value}}});
+            let path = format!("/api/v1/namespaces/{NS}/services/{name}");
+            real.endpoint.send(&ns, "PATCH", &path, &patch, "application/merge-patch+json");
+        } else {
+            let mut obj = objects[index].clone();
+            obj["metadata"]["labels"]["changed"] = json!(value);
+            ours_server.apply_object(obj).unwrap();
+        }
+    };
     let mut shapes = Vec::new();
     for (who, ep) in [("kube-apiserver", &real.endpoint), ("test server", &ours)] {
         let services = ep.get(&ns, &format!("/api/v1/services?{selector}"));
@@ -223,30 +237,11 @@ fn the_test_api_server_answers_like_kube_apiserver_for_services_and_nodes() {
             ),
         );
         std::thread::sleep(Duration::from_millis(500));
-        let patch = json!({"metadata": {"labels": {"changed": "yes"}}});
+        relabel(who, 0, "yes");
+        relabel(who, 1, "yes");
         if who == "kube-apiserver" {
-            ep.send(
-                &ns,
-                "PATCH",
-                &format!("/api/v1/namespaces/{NS}/services/web"),
-                &patch,
-                "application/merge-patch+json",
-            );
-            ep.send(
-                &ns,
-                "PATCH",
-                &format!("/api/v1/namespaces/{NS}/services/foreign"),
-                &patch,
-                "application/merge-patch+json",
-            );
             ep.send(&ns, "DELETE", &format!("/api/v1/namespaces/{NS}/services/gone"), &json!({}), "application/json");
         } else {
-            let mut web = objects[0].clone();
-            web["metadata"]["labels"]["changed"] = json!("yes");
-            ours_server.apply_object(web).unwrap();
-            let mut foreign = objects[1].clone();
-            foreign["metadata"]["labels"]["changed"] = json!("yes");
-            ours_server.apply_object(foreign).unwrap();
             ours_server.delete(tests::apiserver::Kind::Service, NS, "gone").unwrap();
         }
         let started = Instant::now();
@@ -256,20 +251,7 @@ fn the_test_api_server_answers_like_kube_apiserver_for_services_and_nodes() {
         // compaction later.
         let before = ep.get(&ns, "/api/v1/services")["metadata"]["resourceVersion"].as_str().unwrap().to_owned();
         for n in 0..20 {
-            let patch = json!({"metadata": {"labels": {"changed": format!("n{n}")}}});
-            if who == "kube-apiserver" {
-                ep.send(
-                    &ns,
-                    "PATCH",
-                    &format!("/api/v1/namespaces/{NS}/services/web"),
-                    &patch,
-                    "application/merge-patch+json",
-                );
-            } else {
-                let mut web = objects[0].clone();
-                web["metadata"]["labels"]["changed"] = json!(format!("n{n}"));
-                ours_server.apply_object(web).unwrap();
-            }
+            relabel(who, 0, &format!("n{n}"));
         }
         if who == "test server" {
             ours_server.compact();

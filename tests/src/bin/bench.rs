@@ -15,11 +15,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use aya::programs::{TestRun as _, TestRunOptions};
 use ebpf_proxy::{
     config::NodeArgs,
-    datapath::{Datapath, MapMode, PROG_BASELINE, PROG_FROM_POD},
+    datapath::{Datapath, MapMode, PROG_BASELINE, PROG_FROM_POD, open_pinned_hash},
     model::{self, ModelOptions},
     objects::Objects,
     reconcile::Reconciler,
@@ -58,11 +58,6 @@ fn slice(i: usize, addrs: &[Ipv4Addr]) -> Value {
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": format!("svc-{i}-1"), "namespace": "bench", "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
         "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps})
-}
-
-fn pinned<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str) -> Result<HashMap<MapData, K, V>> {
-    let data = MapData::from_pin(bpffs.join(name)).with_context(|| format!("pinned map {name}"))?;
-    Ok(HashMap::try_from(Map::from_map_data(data)?)?)
 }
 
 /// Whether the maps send Service `i` to `addr` (one of its slots holds a backend with that address).
@@ -179,9 +174,9 @@ fn control_plane(binary: &Path, services: usize, changes: usize) -> Result<Contr
     let rss_mib = rss_kib(pid)? as f64 / 1024.0;
     let map_mib = map_memory_bytes(&node.bpffs.path)? as f64 / (1024.0 * 1024.0);
     let view = MapView {
-        frontends: pinned(&node.bpffs.path, "FRONTENDS")?,
-        slots: pinned(&node.bpffs.path, "BACKEND_SLOTS")?,
-        backends: pinned(&node.bpffs.path, "BACKENDS")?,
+        frontends: open_pinned_hash(&node.bpffs.path, "FRONTENDS")?.0,
+        slots: open_pinned_hash(&node.bpffs.path, "BACKEND_SLOTS")?.0,
+        backends: open_pinned_hash(&node.bpffs.path, "BACKENDS")?.0,
     };
     let mut latencies = Vec::with_capacity(changes);
     for k in 0..changes {
