@@ -36,6 +36,10 @@ pub const STAT_SOCK_REJECT: u32 = 12;
 /// A pod's connect() on a UDP socket to a Service address, left to the tc path (see
 /// `NodeConfig::host_netns_cookie`).
 pub const STAT_SOCK_UDP_CONNECT_TO_TC: u32 = 13;
+/// tc: a new connection's (client address, port) was already paired with its backend's address and
+/// port by another connection, live or closing (the backend may still hold it in TIME_WAIT), so its
+/// source port was changed to a free one, as netfilter's NAT does on a tuple clash.
+pub const STAT_SOURCE_PORT_REMAP: u32 = 14;
 
 /// Drop: IPv4 header truncated or invalid (version, IHL, total length).
 pub const STAT_DROP_MALFORMED_IPV4: u32 = 16;
@@ -83,6 +87,7 @@ pub const fn stat_name(index: u32) -> Option<&'static str> {
         STAT_AFFINITY_HIT => "affinity_hit",
         STAT_SOCK_REJECT => "sock_reject",
         STAT_SOCK_UDP_CONNECT_TO_TC => "sock_udp_connect_left_to_tc",
+        STAT_SOURCE_PORT_REMAP => "source_port_remapped",
         STAT_DROP_MALFORMED_IPV4 => "drop_malformed_ipv4",
         STAT_DROP_MALFORMED_L4 => "drop_malformed_l4",
         STAT_DROP_FRAGMENT => "drop_fragment",

@@ -139,6 +139,21 @@ pub fn exists(key: &CtKey) -> bool {
     CONNTRACK.get_ptr(key).is_some()
 }
 
+/// Whether a live reply entry holds `key` for a connection other than `client` → `frontend`: the
+/// backend already pairs that client address and port with itself (for another frontend, or the
+/// same one after source NAT), possibly still in TIME_WAIT.
+#[inline(always)]
+pub fn held_by_other(key: &CtKey, client: (u32, u16), frontend: (u32, u16), now: u64) -> bool {
+    match CONNTRACK.get_ptr(key) {
+        Some(e) => {
+            let e = unsafe { &*e };
+            ct_alive(e, key.proto, now)
+                && (e.snat_addr, e.snat_port, e.nat_addr, e.nat_port) != (client.0, client.1, frontend.0, frontend.1)
+        }
+        None => false,
+    }
+}
+
 /// Whether a live entry holds `key` (an SNAT port is taken).
 #[inline(always)]
 pub fn in_use(key: &CtKey, now: u64) -> bool {

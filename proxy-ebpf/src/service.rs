@@ -9,7 +9,7 @@ use proxy_common::{
     BACKEND_F_LOCAL, CT_DIR_REPLY, CT_F_SNAT, CtKey, FRONTEND_F_CLUSTER_IP, FRONTEND_F_HAS_ENDPOINTS,
     FRONTEND_F_SOURCE_RANGES, Frontend, NODE_F_MASQUERADE_ALL, NodeConfig, SERVICE_ADDR_F_CLUSTER_IP, STAT_CT_NEW,
     STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_NOT_CONFIGURED, STAT_DROP_SOURCE_RANGE, STAT_DROP_UNALLOCATED_SERVICE_IP,
-    STAT_FORWARD_DNAT, STAT_REVERSE_NAT,
+    STAT_FORWARD_DNAT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SOURCE_PORT_REMAP,
 };
 
 use crate::{
@@ -77,7 +77,9 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
     if t.flags & CT_F_SNAT != 0 {
         nat::rewrite(ctx, &pkt, End::Source, t.snat_addr, t.snat_port)?;
         // Masqueraded to a node address: forwarded by us, not the input path.
-        return Ok(fib::redirect_as_node(ctx, pkt.proto, t.snat_addr, t.nat_addr));
+        if node::is_node_addr(t.snat_addr) {
+            return Ok(fib::redirect_as_node(ctx, pkt.proto, t.snat_addr, t.nat_addr));
+        }
     }
     Ok(TC_ACT_OK)
 }
@@ -152,22 +154,36 @@ fn new_connection(pkt: &Packet, fe: &Frontend, side: Side, now: u64) -> Result<T
         flags: 0,
     };
     let state = conntrack::initial_state(pkt);
+    let (reply_key, restore) = reply_entry(pkt, &t);
     if needs_snat(cfg.as_ref(), side, pkt, fe, be.addr, be.flags) {
         let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
-        let (port, reply_key) = snat::allocate(&cfg, be.addr, be.port, pkt.proto, now)?;
-        t.snat_addr = cfg.masq_addr;
-        t.snat_port = port;
-        t.flags = CT_F_SNAT;
-        // The reply entry holds the port: written before anything is sent with it.
-        conntrack::create(&reply_key, now, state, 0, &reply_entry(pkt, &t).1)?;
+        source_nat(&mut t, &cfg, cfg.masq_addr, pkt, now, state)?;
+        stats::count(STAT_SNAT);
+    } else if conntrack::held_by_other(&reply_key, (pkt.saddr, pkt.sport), (pkt.daddr, pkt.dport), now) {
+        // The client reuses a port that the backend still pairs with it for another Service (its
+        // client chose the port for a different destination address, so nothing stopped it): the
+        // backend would take the SYN for an old duplicate. A free port, as netfilter's NAT does.
+        let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
+        source_nat(&mut t, &cfg, pkt.saddr, pkt, now, state)?;
+        stats::count(STAT_SOURCE_PORT_REMAP);
     } else {
         // Reply entry first: once the forward entry exists, packets are translated and replies must match.
-        let (reply_key, restore) = reply_entry(pkt, &t);
         conntrack::create(&reply_key, now, state, 0, &restore)?;
     }
     conntrack::create(&conntrack::service_key(pkt), now, state, pkt.tcp_flags, &t)?;
     stats::count(STAT_CT_NEW);
     Ok(t)
+}
+
+/// Translates the connection's source to `addr` and a free port, and writes the reply entry that
+/// holds the port before anything is sent with it.
+#[inline(always)]
+fn source_nat(t: &mut Translation, cfg: &NodeConfig, addr: u32, pkt: &Packet, now: u64, state: u8) -> Result<(), u32> {
+    let (port, reply_key) = snat::allocate(cfg, addr, t.nat_addr, t.nat_port, pkt.proto, now)?;
+    t.snat_addr = addr;
+    t.snat_port = port;
+    t.flags = CT_F_SNAT;
+    conntrack::create(&reply_key, now, state, 0, &reply_entry(pkt, t).1)
 }
 
 /// The reply direction of a translation: the key the backend's replies carry, and the entry that

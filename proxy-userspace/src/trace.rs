@@ -14,8 +14,8 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use clap::{Args, ValueEnum};
 use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
 use proxy_common::{
-    Affinity, AffinityKey, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FrontendKey, addr_to_map, port_to_map,
-    stat_is_drop, stat_name,
+    Affinity, AffinityKey, CtEntry, CtKey, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FrontendKey, STAT_SNAT,
+    STAT_SOURCE_PORT_REMAP, addr_to_map, port_to_map, stat_is_drop, stat_name,
 };
 use serde::Serialize;
 
@@ -207,6 +207,7 @@ pub struct TraceDatapath {
     pub node: NodeContext,
     pub desired: DesiredMaps,
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
 }
 
 impl TraceDatapath {
@@ -225,7 +226,8 @@ impl TraceDatapath {
         let mut tables = dp.tables()?;
         Reconciler::new(&tables)?.sync(&desired, &mut tables)?;
         let affinity = HashMap::try_from(dp.take_map("AFFINITY")?)?;
-        Ok(Self { dp, model, node, desired, affinity })
+        let conntrack = dp.conntrack()?;
+        Ok(Self { dp, model, node, desired, affinity, conntrack })
     }
 
     /// Forgets every client's affinity, so each run chooses afresh.
@@ -233,6 +235,16 @@ impl TraceDatapath {
         let keys: Vec<AffinityKey> = self.affinity.keys().collect::<Result<_, _>>()?;
         for k in keys {
             let _ = self.affinity.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Forgets every connection: a trace is about new connections, and one trace's clients must not
+    /// find the ports an earlier trace used still paired with a backend.
+    fn clear_conntrack(&mut self) -> Result<()> {
+        let keys: Vec<CtKey> = self.conntrack.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            let _ = self.conntrack.remove(&k);
         }
         Ok(())
     }
@@ -260,7 +272,12 @@ impl TraceDatapath {
             TC_ACT_OK | TC_ACT_REDIRECT => {
                 let (src_out, dst_out) = endpoints_of(&out)?;
                 if dst_out != dst_in {
-                    let masquerade = src_out != src_in && node_ips.contains(src_out.ip());
+                    // A new connection says which it was: masqueraded, or only its port changed
+                    // because the backend already paired the client's port with itself (see
+                    // proxy-ebpf's service.rs). A known connection is judged by its source.
+                    let counted = |stat: u32| after[stat as usize] > before[stat as usize];
+                    let masquerade = counted(STAT_SNAT)
+                        || (!counted(STAT_SOURCE_PORT_REMAP) && src_out != src_in && node_ips.contains(src_out.ip()));
                     Outcome { verdict: Verdict::Forward, dst: Some(dst_out), masquerade, reason: None }
                 } else {
                     Outcome { verdict: Verdict::Pass, dst: None, masquerade: false, reason: None }
@@ -294,6 +311,7 @@ impl TraceDatapath {
         let runs = (32 + 24 * count).min(40_000);
         let mut backends = BTreeMap::new();
         let mut verdicts = BTreeMap::new();
+        self.clear_conntrack()?;
         for i in 0..runs {
             let sport = FIRST_SPORT.wrapping_add(i as u16);
             let packet = build_packet(args.proto, args.src, sport, args.dst)?;

@@ -7,10 +7,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use aya::{
-    maps::{HashMap, MapData},
-    programs::{TestRun as _, TestRunOptions},
-};
+use aya::programs::{TestRun as _, TestRunOptions};
 use ebpf_proxy::{
     config::NodeArgs,
     datapath::{PROG_FROM_NETDEV, PROG_FROM_POD},
@@ -20,7 +17,7 @@ use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice, icmpv4::Des
 use proxy_common::{
     Affinity, AffinityKey, CT_DIR_REPLY, CT_F_SNAT, CT_STATE_ESTABLISHED, CtEntry, CtKey, PROTO_TCP, STAT_CT_NEW,
     STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT,
-    STAT_REJECT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SNAT_COLLISION, addr_to_map, port_to_map,
+    STAT_REJECT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SNAT_COLLISION, STAT_SOURCE_PORT_REMAP, addr_to_map, port_to_map,
 };
 use tests::{
     packets::{self, MAC_A, MAC_B, inspect},
@@ -50,6 +47,20 @@ spec:
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: remote-1, namespace: default, labels: {kubernetes.io/service-name: remote}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [10.244.2.7], nodeName: node-b, conditions: {ready: true}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: same-backend, namespace: default}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: same-backend-1, namespace: default, labels: {kubernetes.io/service-name: same-backend}}
 addressType: IPv4
 ports: [{name: http, port: 8080, protocol: TCP}]
 endpoints: [{addresses: [10.244.2.7], nodeName: node-b, conditions: {ready: true}}]
@@ -113,7 +124,6 @@ endpoints: [{addresses: [10.244.1.2], nodeName: node-a, conditions: {ready: true
 
 struct Bed {
     tdp: TraceDatapath,
-    ct: HashMap<MapData, CtKey, CtEntry>,
     _dir: WorkDir,
 }
 
@@ -136,9 +146,8 @@ impl Bed {
             service_cidr: Some("10.96.0.0/16".parse().unwrap()),
             ..Default::default()
         };
-        let mut tdp = TraceDatapath::with_snat_ports(&dir.join("objects.yaml"), &node, SNAT_PORTS).expect("datapath");
-        let ct = tdp.dp.conntrack().expect("conntrack");
-        Self { tdp, ct, _dir: WorkDir(dir) }
+        let tdp = TraceDatapath::with_snat_ports(&dir.join("objects.yaml"), &node, SNAT_PORTS).expect("datapath");
+        Self { tdp, _dir: WorkDir(dir) }
     }
 
     fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -167,7 +176,7 @@ impl Bed {
     fn occupy(&mut self, backend: SocketAddrV4, port: u16, last_seen_ns: u64) {
         let key = ct_key(backend, SocketAddrV4::new(NODE_IP, port), CT_DIR_REPLY);
         let entry = CtEntry { last_seen_ns, state: CT_STATE_ESTABLISHED, flags: CT_F_SNAT, ..Default::default() };
-        self.ct.insert(&key, &entry, 0).unwrap();
+        self.tdp.conntrack.insert(&key, &entry, 0).unwrap();
     }
 }
 
@@ -283,6 +292,53 @@ fn external_to_a_remote_backend_is_masqueraded_and_replies_reverse_translated() 
 }
 
 #[test]
+fn a_client_port_the_backend_already_pairs_with_another_service_is_remapped() {
+    let mut bed = Bed::new();
+    let (first, second) = (sa([10, 96, 0, 10], 80), sa([10, 96, 0, 11], 80));
+    // Two Services with the same backend. The pod's kernel picks its source port per destination
+    // address, so it may use one port for both; the backend sees one tuple for two connections.
+    let out = bed.expect(
+        PROG_FROM_POD,
+        &packets::tcp(POD, first, true, false, &[]),
+        TC_ACT_OK,
+        &[(STAT_FORWARD_DNAT, 1), (STAT_CT_NEW, 1)],
+    );
+    assert_eq!((inspect(&out).src, inspect(&out).dst), (POD, REMOTE_BACKEND));
+
+    let out = bed.expect(
+        PROG_FROM_POD,
+        &packets::tcp(POD, second, true, false, &[]),
+        TC_ACT_OK,
+        &[(STAT_FORWARD_DNAT, 1), (STAT_CT_NEW, 1), (STAT_SOURCE_PORT_REMAP, 1)],
+    );
+    let seen = inspect(&out);
+    assert_eq!(seen.dst, REMOTE_BACKEND);
+    assert_eq!(*seen.src.ip(), *POD.ip(), "the pod keeps its address");
+    assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&seen.src.port()), "a free port: {seen:?}");
+    assert!(seen.ip_checksum_ok && seen.l4_checksum_ok == Some(true), "{seen:?}");
+
+    // The backend's answer on the remapped port reaches the pod's own port, from the second Service.
+    let reply = packets::tcp(REMOTE_BACKEND, seen.src, true, true, &[]);
+    let back = inspect(&bed.expect(PROG_FROM_NETDEV, &reply, TC_ACT_OK, &[(STAT_REVERSE_NAT, 1)]));
+    assert_eq!((back.src, back.dst), (second, POD));
+    assert!(back.ip_checksum_ok && back.l4_checksum_ok == Some(true), "{back:?}");
+
+    // A new connection to the first Service from the same port, once the first one closed, is the
+    // same pairing at the backend as before: no remap.
+    let key = ct_key(POD, first, proxy_common::CT_DIR_SERVICE);
+    let mut e = bed.tdp.conntrack.get(&key, 0).unwrap();
+    e.state = proxy_common::CT_STATE_CLOSING;
+    bed.tdp.conntrack.insert(&key, &e, 0).unwrap();
+    let out = bed.expect(
+        PROG_FROM_POD,
+        &packets::tcp(POD, first, true, false, &[]),
+        TC_ACT_OK,
+        &[(STAT_FORWARD_DNAT, 1), (STAT_CT_NEW, 1)],
+    );
+    assert_eq!(inspect(&out).src, POD);
+}
+
+#[test]
 fn snat_ports_in_use_are_skipped_and_exhaustion_is_a_counted_drop() {
     let mut bed = Bed::new();
     let now = now_ns();
@@ -312,10 +368,10 @@ fn snat_ports_in_use_are_skipped_and_exhaustion_is_a_counted_drop() {
     // is not needed — a closing entry lives 60 s).
     for port in SNAT_PORTS.0..=SNAT_PORTS.1 {
         let key = ct_key(REMOTE_BACKEND, SocketAddrV4::new(NODE_IP, port), CT_DIR_REPLY);
-        let mut e = bed.ct.get(&key, 0).unwrap();
+        let mut e = bed.tdp.conntrack.get(&key, 0).unwrap();
         e.state = proxy_common::CT_STATE_CLOSING;
         e.last_seen_ns = now.saturating_sub(61_000_000_000);
-        bed.ct.insert(&key, &e, 0).unwrap();
+        bed.tdp.conntrack.insert(&key, &e, 0).unwrap();
     }
     assert!(now > 61_000_000_000, "needs an uptime over 61 s to fake old entries");
     let out = bed.run(PROG_FROM_NETDEV, &packets::tcp(other, node_port, true, false, &[]));

@@ -43,6 +43,10 @@ enum Task {
         /// A short subset (smaller sizes, fewer samples).
         #[arg(long)]
         quick: bool,
+        /// One part only: control-plane, packet-cost or contenders (BENCHMARKS.md's other sections and
+        /// the targets stay as they were).
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -179,13 +183,16 @@ fn main() -> Result<()> {
             }
             run_tests(&mut c)
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             build(true, &["proxy-userspace", "tests"], true)?;
             let proxy = target_dir(true).join("ebpf-proxy");
             let mut args = vec!["--proxy".to_owned(), proxy.display().to_string()];
             args.extend(["--out".to_owned(), root().join("BENCHMARKS.md").display().to_string()]);
             if quick {
                 args.push("--quick".into());
+            }
+            if let Some(part) = only {
+                args.extend(["--only".to_owned(), part]);
             }
             privileged(&target_dir(true).join("bench"), &args)
         }

@@ -14,72 +14,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
-use aya::maps::{HashMap, MapData};
+use anyhow::{Context as _, Result};
 use aya::programs::{TestRun as _, TestRunOptions};
 use ebpf_proxy::{
     config::NodeArgs,
-    datapath::{Datapath, MapMode, PROG_BASELINE, PROG_FROM_POD, open_pinned_hash},
+    datapath::{Datapath, MapMode, PROG_BASELINE, PROG_FROM_POD},
     model::{self, ModelOptions},
     objects::Objects,
     reconcile::Reconciler,
     translate::{self, Ids, NodeContext},
 };
-use proxy_common::{Backend, BackendSlotKey, Frontend, FrontendKey, PROTO_TCP, addr_to_map, port_to_map};
-use serde_json::{Value, json};
+use serde_json::Value;
+mod contenders;
+mod kube_proxy;
+mod load;
+mod plot;
+mod table;
+
+use table::{BenchService, ENDPOINTS, MapView, endpoint_ip, service_ip};
 use tests::{
     apiserver::ApiServer,
     packets,
     testbed::{LbMode, Node, run},
 };
-
-const ENDPOINTS: usize = 10;
-
-fn service_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32)
-}
-
-fn endpoint_ip(i: usize, j: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * ENDPOINTS + j) as u32)
-}
-
-fn service(i: usize) -> Value {
-    json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
-        "spec": {"type": "ClusterIP", "clusterIP": service_ip(i).to_string(),
-                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}})
-}
-
-fn slice(i: usize, addrs: &[Ipv4Addr]) -> Value {
-    let eps: Vec<Value> = addrs
-        .iter()
-        .map(|a| json!({"addresses": [a.to_string()], "conditions": {"ready": true}, "nodeName": "node-b"}))
-        .collect();
-    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("svc-{i}-1"), "namespace": "bench", "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps})
-}
-
-/// Whether the maps send Service `i` to `addr` (one of its slots holds a backend with that address).
-struct MapView {
-    frontends: HashMap<MapData, FrontendKey, Frontend>,
-    slots: HashMap<MapData, BackendSlotKey, u32>,
-    backends: HashMap<MapData, u32, Backend>,
-}
-
-impl MapView {
-    fn has_backend(&self, i: usize, addr: Ipv4Addr) -> bool {
-        let key =
-            FrontendKey { addr: addr_to_map(service_ip(i).octets()), port: port_to_map(80), proto: PROTO_TCP, _pad: 0 };
-        let Ok(fe) = self.frontends.get(&key, 0) else { return false };
-        (0..u32::from(fe.backend_count)).any(|slot| {
-            self.slots
-                .get(&BackendSlotKey { service_id: fe.service_id, slot }, 0)
-                .and_then(|id| self.backends.get(&id, 0))
-                .is_ok_and(|b| b.addr == addr_to_map(addr.octets()))
-        })
-    }
-}
 
 fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -150,13 +107,13 @@ struct ControlPlane {
     map_mib: f64,
 }
 
-fn control_plane(binary: &Path, services: usize, changes: usize) -> Result<ControlPlane> {
-    let mut node = Node::new(0)?;
+/// Starts ebpf-proxy on `node` watching a new test API server that holds `services`; returns the
+/// server and the time from process start to maps programmed and `ready`.
+fn start_on_api_server(node: &mut Node, binary: &Path, services: &[BenchService]) -> Result<(ApiServer, Duration)> {
     let api = ApiServer::start(&node.ns.name)?;
-    for i in 0..services {
-        api.apply_object(service(i))?;
-        let addrs: Vec<Ipv4Addr> = (0..ENDPOINTS).map(|j| endpoint_ip(i, j)).collect();
-        api.apply_object(slice(i, &addrs))?;
+    for s in services {
+        api.apply_object(s.service_json())?;
+        api.apply_object(s.slice_json())?;
     }
     let kubeconfig = node.work.0.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig())?;
@@ -167,33 +124,33 @@ fn control_plane(binary: &Path, services: usize, changes: usize) -> Result<Contr
     node.ready_timeout = Duration::from_secs(300);
     let started = Instant::now();
     node.start_proxy(binary, LbMode::Socket)?;
-    let startup = started.elapsed();
-    let log = node.proxy_log_text();
-    let reconcile = log.lines().find(|l| l.contains("synced ")).map_or_else(|| "?".into(), sync_phases);
+    Ok((api, started.elapsed()))
+}
+
+/// The first sync's phases, from the proxy's log.
+fn initial_sync(node: &Node) -> String {
+    node.proxy_log_text().lines().find(|l| l.contains("synced ")).map_or_else(|| "?".into(), sync_phases)
+}
+
+fn control_plane(binary: &Path, services: usize, changes: usize) -> Result<ControlPlane> {
+    let mut node = Node::new(0)?;
+    let table: Vec<BenchService> = (0..services).map(BenchService::entry).collect();
+    let (api, startup) = start_on_api_server(&mut node, binary, &table)?;
+    let reconcile = initial_sync(&node);
     let pid = node.proxy_pid().context("proxy pid")?;
     let rss_mib = rss_kib(pid)? as f64 / 1024.0;
     let map_mib = map_memory_bytes(&node.bpffs.path)? as f64 / (1024.0 * 1024.0);
-    let view = MapView {
-        frontends: open_pinned_hash(&node.bpffs.path, "FRONTENDS")?.0,
-        slots: open_pinned_hash(&node.bpffs.path, "BACKEND_SLOTS")?.0,
-        backends: open_pinned_hash(&node.bpffs.path, "BACKENDS")?.0,
-    };
+    let view = MapView::open(&node.bpffs.path)?;
     let mut latencies = Vec::with_capacity(changes);
     for k in 0..changes {
         // Spread over the table (a prime stride), each change a new address for endpoint 0.
         let i = (k * 7919) % services;
         let new = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 0)) + k as u32);
-        let mut addrs: Vec<Ipv4Addr> = (0..ENDPOINTS).map(|j| endpoint_ip(i, j)).collect();
-        addrs[0] = new;
+        let mut changed = BenchService::entry(i);
+        changed.endpoints[0].set_ip(new);
         let t0 = Instant::now();
-        api.apply_object(slice(i, &addrs))?;
-        while !view.has_backend(i, new) {
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("change {k} (Service {i}) not programmed after 30 s");
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        latencies.push(t0.elapsed());
+        api.apply_object(changed.slice_json())?;
+        latencies.push(view.wait_for_backend(changed.frontend(), new, t0)?);
         std::thread::sleep(Duration::from_millis(20));
     }
     // Where one change's sync spends its time (the last sync in the log).
@@ -245,9 +202,9 @@ impl PacketBed {
     fn new(services: usize) -> Result<Self> {
         let mut objs = Objects::default();
         for i in 0..services {
-            objs.services.push(serde_json::from_value(service(i))?);
-            let addrs: Vec<Ipv4Addr> = (0..ENDPOINTS).map(|j| endpoint_ip(i, j)).collect();
-            objs.slices.push(serde_json::from_value(slice(i, &addrs))?);
+            let s = BenchService::entry(i);
+            objs.services.push(serde_json::from_value(s.service_json())?);
+            objs.slices.push(serde_json::from_value(s.slice_json())?);
         }
         let model = model::build(&objs, &ModelOptions::default());
         let args = NodeArgs {
@@ -264,7 +221,7 @@ impl PacketBed {
         // A Service in the middle of the table, from a pod.
         let vip = SocketAddrV4::new(service_ip(services / 2), 80);
         let syn = packets::tcp(client(40_000), vip, true, false, &[]);
-        let to_pod = packets::tcp(client(40_001), SocketAddrV4::new(endpoint_ip(0, 0), 8080), true, false, &[]);
+        let to_pod = packets::tcp(client(40_001), SocketAddrV4::new(endpoint_ip(0, 0), 80), true, false, &[]);
         Ok(Self { services, dp, syn, to_pod, vip, runs: 0, samples: Default::default() })
     }
 
@@ -351,28 +308,154 @@ fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
     Ok(())
 }
 
+/// The total of a [`sync_phases`] summary ("585 ms (snapshot …)").
+fn sync_total(phases: &str) -> Option<Duration> {
+    let mut words = phases.split_whitespace();
+    let value: f64 = words.next()?.parse().ok()?;
+    (words.next()? == "ms").then(|| Duration::from_secs_f64(value / 1e3))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "client") {
+        return load::client_main(&args[2..]);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let binary = PathBuf::from(value("--proxy").context("--proxy PATH (the release ebpf-proxy)")?);
     let out = PathBuf::from(value("--out").unwrap_or_else(|| "BENCHMARKS.md".into()));
-    // `--only control-plane|packet-cost` runs one part.
+    // `--only control-plane|packet-cost|contenders` runs one part (and leaves the targets alone).
     let only = value("--only");
     let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    let started = Instant::now();
+    let mut targets = Targets::default();
+    if wants("contenders") {
+        let plan = contenders::Plan::new(quick);
+        let results = contenders::run_all(&binary, &plan)?;
+        write_section(&out, "contenders", &contenders::section(&results, &plan, &out, &machine(), quick)?)?;
+        targets.contenders = Some(results);
+    }
     if wants("control-plane") {
         control_plane_section(&binary, &out, quick)?;
     }
     if wants("packet-cost") {
-        packet_cost_section(&out, quick)?;
+        targets.packet_growth = Some(packet_cost_section(&out, quick)?);
     }
-    eprintln!("written to {}", out.display());
+    if only.is_none() {
+        write_section(&out, "targets", &targets.section(started.elapsed(), quick)?)?;
+    }
+    eprintln!("written to {} in {:.0?}", out.display(), started.elapsed());
     Ok(())
+}
+
+/// What the targets are judged on, gathered from the parts.
+#[derive(Default)]
+struct Targets {
+    contenders: Option<Vec<contenders::SizeResult>>,
+    /// The per-packet cost's growth from the smallest to the largest table (a ratio, 1.0 = flat).
+    packet_growth: Option<(usize, usize, f64)>,
+}
+
+impl Targets {
+    fn section(&self, took: Duration, quick: bool) -> Result<String> {
+        use contenders::{Kind, percentile_us};
+        let mut b = String::from(
+            "## Targets
+
+",
+        );
+        writeln!(
+            b,
+            "Judged on this run's figures (`cargo xtask bench{}`, {:.0} s in all).\n",
+            if quick { " --quick" } else { "" },
+            took.as_secs_f64()
+        )?;
+        writeln!(b, "| target | measured | met |")?;
+        writeln!(b, "|---|---|---|")?;
+        let yes = |ok: bool| if ok { "yes" } else { "**no**" };
+        let results = self.contenders.as_deref().unwrap_or_default();
+        let p99 =
+            |r: &contenders::SizeResult, k: Kind| r.measure(k).map(|m| percentile_us(&m.connect.latencies_us, 0.99));
+        let ours = [Kind::EbpfSocket, Kind::EbpfTc];
+        match results.iter().find(|r| r.services == 10_000) {
+            Some(r) => {
+                let ipt = p99(r, Kind::Iptables).unwrap_or(f64::NAN);
+                for k in ours {
+                    let v = p99(r, k).unwrap_or(f64::NAN);
+                    writeln!(
+                        b,
+                        "| new-connection p99 at 10,000 Services ≥ 2× better than iptables ({}) | {:.0} µs vs {:.0} µs: {:.2}× | {} |",
+                        k.name(),
+                        v,
+                        ipt,
+                        ipt / v,
+                        yes(ipt / v >= 2.0)
+                    )?;
+                }
+            }
+            None => writeln!(
+                b,
+                "| new-connection p99 at 10,000 Services ≥ 2× better than iptables | not measured in this run | — |"
+            )?,
+        }
+        // The worst ratio of ours to another contender's p99 over the sizes where both ran.
+        let worst = |k: Kind, other: Kind| {
+            results
+                .iter()
+                .filter_map(|r| Some((r.services, p99(r, k)? / p99(r, other)?)))
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+        };
+        for (other, limit, what) in
+            [(Kind::Nftables, 1.0, "no worse than nftables"), (Kind::NoProxy, 1.10, "within 10% of no proxy")]
+        {
+            for k in ours {
+                match worst(k, other) {
+                    Some((n, ratio)) => writeln!(
+                        b,
+                        "| new-connection p99 {what} at every N ({}) | worst at {n}: {ratio:.2}× {} | {} |",
+                        k.name(),
+                        other.name(),
+                        yes(ratio <= limit)
+                    )?,
+                    None => writeln!(b, "| new-connection p99 {what} ({}) | not measured in this run | — |", k.name())?,
+                }
+            }
+        }
+        match self.packet_growth {
+            Some((from, to, g)) => writeln!(
+                b,
+                "| per-packet cost ≤ 10% growth from {from} to {to} Services | {:+.1}% | {} |",
+                (g - 1.0) * 100.0,
+                yes(g <= 1.10)
+            )?,
+            None => writeln!(b, "| per-packet cost flat | not measured in this run | — |")?,
+        }
+        match results.iter().find(|r| r.services == 10_000).and_then(|r| r.ebpf_sync.map(|s| (s, r))) {
+            Some((s, r)) => writeln!(
+                b,
+                "| 10,000 × 10 programmed in under 1 s | first sync {:.0} ms ({}); process start → ready {:.0} ms | {} |",
+                s.as_secs_f64() * 1e3,
+                r.ebpf_sync_phases,
+                r.ebpf_ready.as_secs_f64() * 1e3,
+                yes(s < Duration::from_secs(1))
+            )?,
+            None => writeln!(b, "| 10,000 × 10 programmed in under 1 s | not measured in this run | — |")?,
+        }
+        writeln!(
+            b,
+            "| full run ≤ 20 minutes{} | {:.1} min | {} |",
+            if quick { " (this was --quick: ≈ 2 minutes)" } else { "" },
+            took.as_secs_f64() / 60.0,
+            yes(took < Duration::from_secs(if quick { 180 } else { 1200 }))
+        )?;
+        b += "\n";
+        Ok(b)
+    }
 }
 
 fn control_plane_section(binary: &Path, out: &Path, quick: bool) -> Result<()> {
     let sizes: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
-    let changes = if quick { 50 } else { 200 };
+    let changes = if quick { 50 } else { 100 };
     let mut rows = String::new();
     let mut phases = String::new();
     for &n in sizes {
@@ -421,7 +504,9 @@ fn control_plane_section(binary: &Path, out: &Path, quick: bool) -> Result<()> {
     write_section(out, "control-plane", &body)
 }
 
-fn packet_cost_section(out: &Path, quick: bool) -> Result<()> {
+/// Writes the per-packet section; returns the smallest and largest table and the growth of the
+/// established-packet cost (as a ratio to the baseline) between them.
+fn packet_cost_section(out: &Path, quick: bool) -> Result<(usize, usize, f64)> {
     // Per-packet cost, in a thread of its own in an empty network namespace (the programs' FIB
     // lookups then find nothing, on every machine alike).
     let packet_sizes: Vec<usize> = if quick { vec![100, 10_000] } else { vec![100, 1_000, 10_000, 30_000] };
@@ -470,5 +555,7 @@ fn packet_cost_section(out: &Path, quick: bool) -> Result<()> {
         body += &line;
     }
     body += "\n";
-    write_section(out, "packet-cost", &body)
+    write_section(out, "packet-cost", &body)?;
+    let last = costs.last().context("no sizes")?;
+    Ok((first.services, last.services, ratio(last) / ratio(first)))
 }
