@@ -3,7 +3,8 @@
 //! process, so the benchmark itself could not be a client with and without it.
 //!
 //! - `connect`: each worker makes a new connection per request (`Connection: close`), round robin
-//!   over the targets; the latency is connect + request + answer + close seen by the server.
+//!   over the targets; it records the time connect() took (the handshake, where a proxy does its
+//!   per-connection work) and the whole request's (connect + request + answer).
 //! - `keepalive`: each worker keeps one connection per target and sends requests over them in turn.
 
 use std::{
@@ -35,10 +36,12 @@ impl Mode {
     }
 }
 
-/// What a client run saw: each successful request's latency, failures, and the run's length.
+/// What a client run saw: each successful request's latency (and, for new connections, how long
+/// connect() took), failures, and the run's length.
 #[derive(Default, Serialize, Deserialize)]
 pub struct Outcome {
     pub latencies_us: Vec<u32>,
+    pub connect_us: Vec<u32>,
     pub errors: u64,
     pub seconds: f64,
 }
@@ -46,6 +49,7 @@ pub struct Outcome {
 impl Outcome {
     pub fn merge(&mut self, other: Outcome) {
         self.latencies_us.extend(other.latencies_us);
+        self.connect_us.extend(other.connect_us);
         self.errors += other.errors;
         self.seconds += other.seconds;
     }
@@ -117,16 +121,21 @@ fn connect_worker(targets: &[SocketAddrV4], worker: usize, deadline: Instant) ->
         let to = targets[k % targets.len()];
         k += 1;
         let t0 = Instant::now();
-        match request_new_connection(to) {
-            Ok(()) => out.latencies_us.push(micros(t0.elapsed())),
+        match request_new_connection(to, t0) {
+            Ok(connected) => {
+                out.latencies_us.push(micros(t0.elapsed()));
+                out.connect_us.push(micros(connected));
+            }
             Err(_) => out.errors += 1,
         }
     }
     out
 }
 
-fn request_new_connection(to: SocketAddrV4) -> std::io::Result<()> {
+/// One request on a new connection started at `t0`; how long connect() took.
+fn request_new_connection(to: SocketAddrV4, t0: Instant) -> std::io::Result<Duration> {
     let mut s = TcpStream::connect_timeout(&to.into(), TIMEOUT)?;
+    let connected = t0.elapsed();
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_nodelay(true)?;
     s.write_all(REQUEST_CLOSE)?;
@@ -135,7 +144,7 @@ fn request_new_connection(to: SocketAddrV4) -> std::io::Result<()> {
     if !answer.starts_with(b"HTTP/1.1 200") {
         return Err(std::io::Error::other("not a 200 answer"));
     }
-    Ok(())
+    Ok(connected)
 }
 
 fn keepalive_worker(targets: &[SocketAddrV4], worker: usize, deadline: Instant) -> Outcome {
