@@ -594,6 +594,23 @@ fn plots(results: &[SizeResult], out: &Path) -> Result<String> {
             program("ebpf-proxy", Kind::EbpfSocket.color(), &|r| median(&r.ebpf_change)),
         ],
     )?;
-    writeln!(md, "![One endpoint change](benchmarks/{file})\n")?;
+    writeln!(md, "![One endpoint change](benchmarks/{file})")?;
+    let file = "memory.svg";
+    let memory = |name: &'static str, color: RGBColor, f: &dyn Fn(&SizeResult) -> f64| Series {
+        name,
+        color,
+        points: results.iter().map(|r| (r.services as f64, f(r))).collect(),
+    };
+    plot::chart(
+        &dir.join(file),
+        "ebpf-proxy memory",
+        "MiB",
+        false,
+        &[
+            memory("proxy RSS", Kind::EbpfSocket.color(), &|r| r.rss_mib),
+            memory("BPF maps", Kind::EbpfTc.color(), &|r| r.map_mib),
+        ],
+    )?;
+    writeln!(md, "![ebpf-proxy memory](benchmarks/{file})\n")?;
     Ok(md)
 }

@@ -563,7 +563,26 @@ fn packet_cost_section(out: &Path, quick: bool) -> Result<(usize, usize, f64)> {
         eprint!("{line}");
         body += &line;
     }
-    body += "\n";
+    let dir = out.parent().unwrap_or(Path::new(".")).join("benchmarks");
+    std::fs::create_dir_all(&dir)?;
+    let series = |name: &'static str, color: (u8, u8, u8), f: fn(&PacketCost) -> f64| plot::Series {
+        name,
+        color: plotters::style::RGBColor(color.0, color.1, color.2),
+        points: costs.iter().map(|c| (c.services as f64, f(c))).collect(),
+    };
+    plot::chart(
+        &dir.join("packet-cost.svg"),
+        "Per-packet cost of from_pod (BPF_PROG_TEST_RUN)",
+        "ns / packet",
+        false,
+        &[
+            series("parse_only (baseline)", (0, 0, 0), |c| c.baseline),
+            series("not a Service", (127, 127, 127), |c| c.not_service),
+            series("established", (31, 119, 180), |c| c.established),
+            series("new connection", (44, 160, 44), |c| c.new_connection),
+        ],
+    )?;
+    body += "\n![Per-packet cost](benchmarks/packet-cost.svg)\n\n";
     write_section(out, "packet-cost", &body)?;
     let last = costs.last().context("no sizes")?;
     Ok((first.services, last.services, ratio(last) / ratio(first)))
