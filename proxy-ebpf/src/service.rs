@@ -154,21 +154,23 @@ fn new_connection(pkt: &Packet, fe: &Frontend, side: Side, now: u64) -> Result<T
         flags: 0,
     };
     let state = conntrack::initial_state(pkt);
-    let (reply_key, restore) = reply_entry(pkt, &t);
     if needs_snat(cfg.as_ref(), side, pkt, fe, be.addr, be.flags) {
         let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
         source_nat(&mut t, &cfg, cfg.masq_addr, pkt, now, state)?;
         stats::count(STAT_SNAT);
-    } else if conntrack::held_by_other(&reply_key, (pkt.saddr, pkt.sport), (pkt.daddr, pkt.dport), now) {
-        // The client reuses a port that the backend still pairs with it for another Service (its
-        // client chose the port for a different destination address, so nothing stopped it): the
-        // backend would take the SYN for an old duplicate. A free port, as netfilter's NAT does.
-        let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
-        source_nat(&mut t, &cfg, pkt.saddr, pkt, now, state)?;
-        stats::count(STAT_SOURCE_PORT_REMAP);
     } else {
-        // Reply entry first: once the forward entry exists, packets are translated and replies must match.
-        conntrack::create(&reply_key, now, state, 0, &restore)?;
+        let (reply_key, restore) = reply_entry(pkt, &t);
+        if conntrack::held_by_other(&reply_key, (pkt.saddr, pkt.sport), (pkt.daddr, pkt.dport), now) {
+            // The client reuses a port that the backend still pairs with it for another Service (its
+            // kernel chose the port for a different destination address, so nothing stopped it): the
+            // backend would take the SYN for an old duplicate. A free port, as netfilter's NAT does.
+            let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
+            source_nat(&mut t, &cfg, pkt.saddr, pkt, now, state)?;
+            stats::count(STAT_SOURCE_PORT_REMAP);
+        } else {
+            // Reply entry first: once the forward entry exists, packets are translated and replies must match.
+            conntrack::create(&reply_key, now, state, 0, &restore)?;
+        }
     }
     conntrack::create(&conntrack::service_key(pkt), now, state, pkt.tcp_flags, &t)?;
     stats::count(STAT_CT_NEW);

@@ -15,7 +15,7 @@ use clap::{Args, ValueEnum};
 use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
 use proxy_common::{
     Affinity, AffinityKey, CtEntry, CtKey, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FrontendKey, STAT_SNAT,
-    STAT_SOURCE_PORT_REMAP, addr_to_map, port_to_map, stat_is_drop, stat_name,
+    addr_to_map, port_to_map, stat_is_drop, stat_name,
 };
 use serde::Serialize;
 
@@ -250,7 +250,7 @@ impl TraceDatapath {
     }
 
     /// Runs one packet through `program` and interprets the result.
-    fn run_once(&self, program: &str, packet: &[u8], node_ips: &[Ipv4Addr]) -> Result<Outcome> {
+    fn run_once(&self, program: &str, packet: &[u8]) -> Result<Outcome> {
         let prog = self.dp.classifier(program)?;
         let before = self.dp.read_stats()?;
         let mut out = vec![0u8; packet.len() + 256];
@@ -270,14 +270,12 @@ impl TraceDatapath {
             // REDIRECT with a translated packet: masqueraded to a node address and forwarded by the
             // program itself (see proxy-ebpf's fib.rs).
             TC_ACT_OK | TC_ACT_REDIRECT => {
-                let (src_out, dst_out) = endpoints_of(&out)?;
+                let (_, dst_out) = endpoints_of(&out)?;
                 if dst_out != dst_in {
-                    // A new connection says which it was: masqueraded, or only its port changed
-                    // because the backend already paired the client's port with itself (see
-                    // proxy-ebpf's service.rs). A known connection is judged by its source.
-                    let counted = |stat: u32| after[stat as usize] > before[stat as usize];
-                    let masquerade = counted(STAT_SNAT)
-                        || (!counted(STAT_SOURCE_PORT_REMAP) && src_out != src_in && node_ips.contains(src_out.ip()));
+                    // Every run is a new connection (each trace starts with an empty conntrack): the
+                    // counter tells masquerade from a port changed only because the backend already
+                    // paired the client's port with itself (see proxy-ebpf's service.rs).
+                    let masquerade = after[STAT_SNAT as usize] > before[STAT_SNAT as usize];
                     Outcome { verdict: Verdict::Forward, dst: Some(dst_out), masquerade, reason: None }
                 } else {
                     Outcome { verdict: Verdict::Pass, dst: None, masquerade: false, reason: None }
@@ -315,7 +313,7 @@ impl TraceDatapath {
         for i in 0..runs {
             let sport = FIRST_SPORT.wrapping_add(i as u16);
             let packet = build_packet(args.proto, args.src, sport, args.dst)?;
-            let o = self.run_once(program, &packet, &args.node.node_ips)?;
+            let o = self.run_once(program, &packet)?;
             self.clear_affinity()?;
             if let Some(dst) = o.dst {
                 backends.insert(dst, o.masquerade);

@@ -564,11 +564,13 @@ fn plots(results: &[SizeResult], out: &Path) -> Result<String> {
         plot::chart(&dir.join(file), title, unit, log_y, &s)?;
         writeln!(md, "![{title}](benchmarks/{file})")?;
     }
-    let program = |name: &'static str, color: RGBColor, f: &dyn Fn(&SizeResult) -> Option<Duration>| Series {
+    // One line of a per-size figure (skipped where it was not measured).
+    let line = |name: &'static str, color: RGBColor, f: &dyn Fn(&SizeResult) -> Option<f64>| Series {
         name,
         color,
-        points: results.iter().filter_map(|r| f(r).map(|d| (r.services as f64, d.as_secs_f64() * 1e3))).collect(),
+        points: results.iter().filter_map(|r| f(r).map(|y| (r.services as f64, y))).collect(),
     };
+    let in_ms = |d: Duration| d.as_secs_f64() * 1e3;
     let file = "program-time.svg";
     plot::chart(
         &dir.join(file),
@@ -576,9 +578,9 @@ fn plots(results: &[SizeResult], out: &Path) -> Result<String> {
         "ms",
         true,
         &[
-            program(Kind::Iptables.name(), Kind::Iptables.color(), &|r| Some(r.iptables_load)),
-            program(Kind::Nftables.name(), Kind::Nftables.color(), &|r| r.nft_load),
-            program("ebpf-proxy", Kind::EbpfSocket.color(), &|r| r.ebpf_sync),
+            line(Kind::Iptables.name(), Kind::Iptables.color(), &|r| Some(in_ms(r.iptables_load))),
+            line(Kind::Nftables.name(), Kind::Nftables.color(), &|r| r.nft_load.map(in_ms)),
+            line("ebpf-proxy", Kind::EbpfSocket.color(), &|r| r.ebpf_sync.map(in_ms)),
         ],
     )?;
     writeln!(md, "![Programming N Services](benchmarks/{file})")?;
@@ -589,26 +591,21 @@ fn plots(results: &[SizeResult], out: &Path) -> Result<String> {
         "ms",
         true,
         &[
-            program(Kind::Iptables.name(), Kind::Iptables.color(), &|r| median(&r.iptables_change)),
-            program(Kind::Nftables.name(), Kind::Nftables.color(), &|r| median(&r.nft_change)),
-            program("ebpf-proxy", Kind::EbpfSocket.color(), &|r| median(&r.ebpf_change)),
+            line(Kind::Iptables.name(), Kind::Iptables.color(), &|r| median(&r.iptables_change).map(in_ms)),
+            line(Kind::Nftables.name(), Kind::Nftables.color(), &|r| median(&r.nft_change).map(in_ms)),
+            line("ebpf-proxy", Kind::EbpfSocket.color(), &|r| median(&r.ebpf_change).map(in_ms)),
         ],
     )?;
     writeln!(md, "![One endpoint change](benchmarks/{file})")?;
     let file = "memory.svg";
-    let memory = |name: &'static str, color: RGBColor, f: &dyn Fn(&SizeResult) -> f64| Series {
-        name,
-        color,
-        points: results.iter().map(|r| (r.services as f64, f(r))).collect(),
-    };
     plot::chart(
         &dir.join(file),
         "ebpf-proxy memory",
         "MiB",
         false,
         &[
-            memory("proxy RSS", Kind::EbpfSocket.color(), &|r| r.rss_mib),
-            memory("BPF maps", Kind::EbpfTc.color(), &|r| r.map_mib),
+            line("proxy RSS", Kind::EbpfSocket.color(), &|r| Some(r.rss_mib)),
+            line("BPF maps", Kind::EbpfTc.color(), &|r| Some(r.map_mib)),
         ],
     )?;
     writeln!(md, "![ebpf-proxy memory](benchmarks/{file})\n")?;
