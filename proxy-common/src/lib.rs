@@ -76,6 +76,8 @@ pod!(
     node::NodeAddr,
     conntrack::CtKey,
     conntrack::CtEntry,
+    conntrack::CtRecentCursor,
+    conntrack::CtReply,
     sock::SockRevNatKey,
     sock::SockFlowKey,
     sock::SockFlow,

@@ -21,6 +21,20 @@ const AF_INET: u8 = 2;
 /// stack as usual.
 #[inline(always)]
 pub fn redirect_as_node(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> i32 {
+    epx_redirect_as_node(ctx.as_ptr().cast(), u32::from(proto), saddr, daddr)
+}
+
+/// [`redirect_as_node`] as a global BPF function: verified once, and the lookup's parameters live on
+/// its own stack, not on the caller's.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_redirect_as_node(skb: *mut __sk_buff, proto: u32, saddr: u32, daddr: u32) -> i32 {
+    let Some(skb) = core::ptr::NonNull::new(skb) else { return TC_ACT_OK };
+    lookup_and_redirect(&TcContext::new(skb), proto as u8, saddr, daddr)
+}
+
+#[inline(always)]
+fn lookup_and_redirect(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> i32 {
     // SAFETY: both are plain C structs for which all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;

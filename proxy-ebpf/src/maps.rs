@@ -7,10 +7,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Affinity, AffinityKey, Backend, BackendSlotKey, CtEntry, CtKey, Frontend, FrontendKey, MAX_AFFINITY,
-    MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_NODE_ADDRS, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES,
-    MAX_SOURCE_RANGES, NodeAddr, NodeConfig, RevNat, STAT_MAX, ServiceAddr, SockFlow, SockFlowKey, SockRevNatKey,
-    SourceRangeKey,
+    Affinity, AffinityKey, Backend, BackendSlotKey, CT_RECENT_SLOTS, CtEntry, CtKey, CtRecentCursor, CtReply, Frontend,
+    FrontendKey, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_NODE_ADDRS,
+    MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, MAX_SOURCE_RANGES, NodeAddr, NodeConfig, RevNat, STAT_MAX, ServiceAddr,
+    SockFlow, SockFlowKey, SockRevNatKey, SourceRangeKey,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -42,8 +42,21 @@ pub static NODE_ADDRS: HashMap<u32, NodeAddr, { MAX_NODE_ADDRS as usize }, NO_PR
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITY as usize }> = LruHashMap::new();
 
+/// Connections by original tuple; capacity set by userspace (`--conntrack-max`).
 #[btf_map]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+pub static CONNTRACK: HashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }, NO_PREALLOC> = HashMap::new();
+
+/// Reply tuple → original tuple, one per connection.
+#[btf_map]
+pub static CT_REPLY: HashMap<CtKey, CtReply, { MAX_CONNTRACK as usize }, NO_PREALLOC> = HashMap::new();
+
+/// The most recently created connections: where early drop looks for one to displace.
+#[btf_map]
+pub static CT_RECENT: Array<CtKey, { CT_RECENT_SLOTS as usize }> = Array::new();
+
+/// Where `CT_RECENT` is written next and searched from.
+#[btf_map]
+pub static CT_RECENT_CURSOR: Array<CtRecentCursor, 1> = Array::new();
 
 #[btf_map]
 pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, RevNat, { MAX_SOCK_ENTRIES as usize }> = LruHashMap::new();

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::TC_ACT_REDIRECT,
+    bindings::{__sk_buff, TC_ACT_REDIRECT},
     helpers::{bpf_csum_diff, bpf_redirect},
     programs::TcContext,
 };
@@ -159,6 +159,30 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
 /// dropped under `drop_no_endpoints`.
 #[inline(always)]
 pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
+    match epx_reject(ctx.as_ptr().cast(), pkt) {
+        action if action >= 0 => Ok(action),
+        reason => Err(-reason as u32),
+    }
+}
+
+/// [`reject_in_place`] as a global BPF function (verified once, on its own: the answer's headers
+/// live on its own stack, not on the caller's). Returns the tc action, or minus the drop reason.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_reject(skb: *mut __sk_buff, pkt: *const Packet) -> i32 {
+    let (Some(skb), false) = (core::ptr::NonNull::new(skb), pkt.is_null()) else {
+        return -(STAT_DROP_NO_ENDPOINTS as i32);
+    };
+    let ctx = TcContext::new(skb);
+    // SAFETY: checked non-null; the caller's own stack value.
+    match reject_in_place(&ctx, unsafe { &*pkt }) {
+        Ok(action) => action,
+        Err(reason) => -(reason as i32),
+    }
+}
+
+#[inline(always)]
+fn reject_in_place(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
     let built = if pkt.proto == PROTO_TCP {
         if pkt.tcp_flags & TCP_RST != 0 {
             return Err(STAT_DROP_NO_ENDPOINTS);
@@ -174,5 +198,5 @@ pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
     stats::count(STAT_REJECT);
     let ifindex = unsafe { (*(ctx.as_ptr() as *const aya_ebpf::bindings::__sk_buff)).ifindex };
     unsafe { bpf_redirect(ifindex, 0) };
-    Ok(TC_ACT_REDIRECT as i32)
+    Ok(TC_ACT_REDIRECT)
 }

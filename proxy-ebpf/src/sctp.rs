@@ -55,7 +55,7 @@ fn step(crc: u32, byte: u8) -> u32 {
 pub fn update_checksum(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
     let len = (ctx.len() as usize).saturating_sub(pkt.l4_off);
     // SCTP packets are padded to 4 bytes (RFC 9260 3.2).
-    if len % 4 != 0 || len > MAX_SCTP_LEN {
+    if !len.is_multiple_of(4) || len > MAX_SCTP_LEN {
         return Err(STAT_DROP_REWRITE);
     }
     let mut crc = 0xffff_ffffu32;

@@ -6,14 +6,15 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use proxy_common::{
-    BACKEND_F_LOCAL, CT_DIR_REPLY, CT_F_SNAT, CtKey, FRONTEND_F_CLUSTER_IP, FRONTEND_F_HAS_ENDPOINTS,
+    BACKEND_F_LOCAL, CT_F_SNAT, CtEntry, CtKey, FRONTEND_F_CLUSTER_IP, FRONTEND_F_HAS_ENDPOINTS,
     FRONTEND_F_SOURCE_RANGES, Frontend, NODE_F_MASQUERADE_ALL, NodeConfig, SERVICE_ADDR_F_CLUSTER_IP, STAT_CT_NEW,
-    STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_NOT_CONFIGURED, STAT_DROP_SOURCE_RANGE, STAT_DROP_UNALLOCATED_SERVICE_IP,
-    STAT_FORWARD_DNAT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SOURCE_PORT_REMAP,
+    STAT_DROP_CT_FULL, STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_NOT_CONFIGURED, STAT_DROP_REWRITE,
+    STAT_DROP_SOURCE_RANGE, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_REVERSE_NAT, STAT_SNAT,
+    STAT_SOURCE_PORT_REMAP, ct_initial, ct_reply_key,
 };
 
 use crate::{
-    conntrack::{self, Translation},
+    conntrack::{self, Conn, Holder},
     fib, lb,
     maps::SERVICE_ADDRS,
     nat::{self, End},
@@ -24,6 +25,7 @@ use crate::{
 
 /// Where the program is attached.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 pub enum Side {
     /// Host side of a local pod's interface: the packet comes from a pod on this node (or, in `trace`,
     /// from the node itself).
@@ -37,49 +39,62 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
         return Ok(TC_ACT_OK);
     };
     let now = conntrack::now_ns();
-    if let Some(reply) = conntrack::lookup_refresh(&conntrack::reply_key(&pkt), &pkt, now) {
-        nat::rewrite(ctx, &pkt, End::Source, reply.nat_addr, reply.nat_port)?;
-        let mut daddr = pkt.daddr;
-        if reply.flags & CT_F_SNAT != 0 {
-            nat::rewrite(ctx, &pkt, End::Destination, reply.snat_addr, reply.snat_port)?;
-            daddr = reply.snat_addr;
-        }
-        stats::count(STAT_REVERSE_NAT);
-        // A NodePort's reply now comes from a node address: forwarded by us, not the input path.
-        if node::is_node_addr(reply.nat_addr) {
-            return Ok(fib::redirect_as_node(ctx, pkt.proto, reply.nat_addr, daddr));
-        }
-        return Ok(TC_ACT_OK);
+    if let Some(conn) = conntrack::lookup_reply(&pkt, now) {
+        return reverse(ctx, &pkt, &conn);
     }
     let Some(fe) = lb::frontend(pkt.daddr, pkt.dport, pkt.proto) else {
         return not_a_frontend(ctx, &pkt);
     };
-    let t = match conntrack::lookup_refresh(&conntrack::service_key(&pkt), &pkt, now) {
-        Some(ct) if ct.service_id == fe.service_id => {
-            let t = Translation::of(&ct);
-            // The reply entry can be evicted from the LRU on its own; without it replies would
-            // reach the client from the backend's address and be reset.
-            let (reply_key, restore) = reply_entry(&pkt, &t);
-            if !conntrack::exists(&reply_key) {
-                conntrack::create(&reply_key, now, ct.state, 0, &restore)?;
+    let conn = match conntrack::lookup_orig(&pkt, now) {
+        Some(conn) if conn.entry().service_id == fe.service_id => conn,
+        other => {
+            // The address and port now belong to another frontend: the old connection is over.
+            if let Some(conn) = other {
+                conntrack::remove(&conn.orig, conn.entry());
             }
-            t
-        }
-        _ => {
             if fe.flags & FRONTEND_F_HAS_ENDPOINTS == 0 {
                 return reject::reject(ctx, &pkt);
             }
-            new_connection(&pkt, &fe, side, now)?
+            match epx_new_connection(&pkt, &fe, side as u32, now) {
+                0 => conntrack::find(&conntrack::tuple(&pkt)).ok_or(STAT_DROP_CT_FULL)?,
+                reason => return Err(reason as u32),
+            }
         }
     };
-    nat::rewrite(ctx, &pkt, End::Destination, t.nat_addr, t.nat_port)?;
+    forward(ctx, &pkt, conn.entry())
+}
+
+/// A packet of a tracked connection in the original direction: to the backend, and from the SNAT
+/// address if the connection has one.
+#[inline(always)]
+fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> Result<i32, u32> {
+    nat::rewrite(ctx, pkt, End::Destination, entry.nat_addr, entry.nat_port)?;
     stats::count(STAT_FORWARD_DNAT);
-    if t.flags & CT_F_SNAT != 0 {
-        nat::rewrite(ctx, &pkt, End::Source, t.snat_addr, t.snat_port)?;
+    if entry.flags & CT_F_SNAT != 0 {
+        nat::rewrite(ctx, pkt, End::Source, entry.snat_addr, entry.snat_port)?;
         // Masqueraded to a node address: forwarded by us, not the input path.
-        if node::is_node_addr(t.snat_addr) {
-            return Ok(fib::redirect_as_node(ctx, pkt.proto, t.snat_addr, t.nat_addr));
+        if node::is_node_addr(entry.snat_addr) {
+            return Ok(fib::redirect_as_node(ctx, pkt.proto, entry.snat_addr, entry.nat_addr));
         }
+    }
+    Ok(TC_ACT_OK)
+}
+
+/// A reply of a tracked connection: from the Service address the client used, and to the client's
+/// own address and port if the connection's source was translated.
+#[inline(always)]
+fn reverse(ctx: &TcContext, pkt: &Packet, conn: &Conn) -> Result<i32, u32> {
+    let orig = &conn.orig;
+    nat::rewrite(ctx, pkt, End::Source, orig.daddr, orig.dport)?;
+    let mut daddr = pkt.daddr;
+    if conn.entry().flags & CT_F_SNAT != 0 {
+        nat::rewrite(ctx, pkt, End::Destination, orig.saddr, orig.sport)?;
+        daddr = orig.saddr;
+    }
+    stats::count(STAT_REVERSE_NAT);
+    // A NodePort's reply now comes from a node address: forwarded by us, not the input path.
+    if node::is_node_addr(orig.daddr) {
+        return Ok(fib::redirect_as_node(ctx, pkt.proto, orig.daddr, daddr));
     }
     Ok(TC_ACT_OK)
 }
@@ -132,9 +147,39 @@ fn needs_snat(
         || (side == Side::Netdev && backend_flags & BACKEND_F_LOCAL == 0)
 }
 
-/// Checks the frontend's policies, chooses a backend and records both directions.
+/// Claims the connection's reply tuple with the client's own address and port, unless the backend
+/// already pairs them with another connection, live or closing (it may hold it in TIME_WAIT).
 #[inline(always)]
-fn new_connection(pkt: &Packet, fe: &Frontend, side: Side, now: u64) -> Result<Translation, u32> {
+fn claim_own_port(orig: &CtKey, entry: &CtEntry, now: u64) -> Result<bool, u32> {
+    let reply = ct_reply_key(orig, entry);
+    match conntrack::holder(&reply, now) {
+        Holder::Free | Holder::Dead => conntrack::claim(&reply, orig, now),
+        Holder::Live | Holder::Closed { .. } | Holder::Unanswered { .. } => Ok(false),
+    }
+}
+
+/// [`new_connection`] as a global BPF function: the verifier checks it once, on its own, instead of
+/// along every path that reaches it — the new-connection work (policies, backend choice, SNAT
+/// search, conntrack) would otherwise multiply the paths of the whole program. Returns 0 with the
+/// connection tracked, or the reason it was not.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_new_connection(pkt: *const Packet, fe: *const Frontend, side: u32, now: u64) -> i32 {
+    // The verifier hands a global function possibly-null pointers.
+    if pkt.is_null() || fe.is_null() {
+        return STAT_DROP_REWRITE as i32;
+    }
+    let side = if side == Side::Pod as u32 { Side::Pod } else { Side::Netdev };
+    // SAFETY: checked non-null; the caller passes its own stack values.
+    match new_connection(unsafe { &*pkt }, unsafe { &*fe }, side, now) {
+        Ok(()) => 0,
+        Err(reason) => reason as i32,
+    }
+}
+
+/// Checks the frontend's policies, chooses a backend and tracks the new connection.
+#[inline(always)]
+fn new_connection(pkt: &Packet, fe: &Frontend, side: Side, now: u64) -> Result<(), u32> {
     let cfg = node::config();
     if fe.flags & FRONTEND_F_SOURCE_RANGES != 0 && !lb::source_allowed(fe, pkt.saddr) {
         return Err(STAT_DROP_SOURCE_RANGE);
@@ -144,64 +189,44 @@ fn new_connection(pkt: &Packet, fe: &Frontend, side: Side, now: u64) -> Result<T
         return Err(STAT_DROP_NO_LOCAL_ENDPOINTS);
     }
     let (backend_id, be) = lb::select_backend(fe, set, lb::client_addr(pkt.saddr), now)?;
-    let mut t = Translation {
+    let orig = conntrack::tuple(pkt);
+    let mut entry = CtEntry {
+        created_ns: now,
+        last_seen_ns: now,
         nat_addr: be.addr,
         nat_port: be.port,
         backend_id,
         service_id: fe.service_id,
-        snat_addr: 0,
-        snat_port: 0,
-        flags: 0,
+        state: ct_initial(pkt.proto, pkt.tcp_flags),
+        tcp_flags_orig: pkt.tcp_flags,
+        ..CtEntry::default()
     };
-    let state = conntrack::initial_state(pkt);
     if needs_snat(cfg.as_ref(), side, pkt, fe, be.addr, be.flags) {
         let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
-        source_nat(&mut t, &cfg, cfg.masq_addr, pkt, now, state)?;
+        snat::allocate(&mut entry, &orig, cfg.masq_addr, &cfg, now)?;
         stats::count(STAT_SNAT);
-    } else {
-        let (reply_key, restore) = reply_entry(pkt, &t);
-        if conntrack::held_by_other(&reply_key, (pkt.saddr, pkt.sport), (pkt.daddr, pkt.dport), now) {
-            // The client reuses a port that the backend still pairs with it for another Service (its
-            // kernel chose the port for a different destination address, so nothing stopped it): the
-            // backend would take the SYN for an old duplicate. A free port, as netfilter's NAT does.
-            let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
-            source_nat(&mut t, &cfg, pkt.saddr, pkt, now, state)?;
-            stats::count(STAT_SOURCE_PORT_REMAP);
-        } else {
-            // Reply entry first: once the forward entry exists, packets are translated and replies must match.
-            conntrack::create(&reply_key, now, state, 0, &restore)?;
+    } else if !claim_own_port(&orig, &entry, now)? {
+        // The client reuses a port that the backend still pairs with it for another connection (its
+        // kernel chose the port for a different destination address, so nothing stopped it): the
+        // backend would take the SYN for an old duplicate. A free port, as netfilter's NAT does.
+        let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
+        snat::allocate(&mut entry, &orig, pkt.saddr, &cfg, now)?;
+        stats::count(STAT_SOURCE_PORT_REMAP);
+    }
+    match conntrack::create(&orig, &entry) {
+        Ok(true) => {
+            stats::count(STAT_CT_NEW);
+            Ok(())
+        }
+        // Another CPU tracked the same connection first (a retransmitted first packet): the caller
+        // finds and uses that one.
+        Ok(false) => {
+            conntrack::release_reply(&ct_reply_key(&orig, &entry), &orig);
+            Ok(())
+        }
+        Err(reason) => {
+            conntrack::release_reply(&ct_reply_key(&orig, &entry), &orig);
+            Err(reason)
         }
     }
-    conntrack::create(&conntrack::service_key(pkt), now, state, pkt.tcp_flags, &t)?;
-    stats::count(STAT_CT_NEW);
-    Ok(t)
-}
-
-/// Translates the connection's source to `addr` and a free port, and writes the reply entry that
-/// holds the port before anything is sent with it.
-#[inline(always)]
-fn source_nat(t: &mut Translation, cfg: &NodeConfig, addr: u32, pkt: &Packet, now: u64, state: u8) -> Result<(), u32> {
-    let (port, reply_key) = snat::allocate(cfg, addr, t.nat_addr, t.nat_port, pkt.proto, now)?;
-    t.snat_addr = addr;
-    t.snat_port = port;
-    t.flags = CT_F_SNAT;
-    conntrack::create(&reply_key, now, state, 0, &reply_entry(pkt, t).1)
-}
-
-/// The reply direction of a translation: the key the backend's replies carry, and the entry that
-/// restores the Service address as their source (and the client as their destination after SNAT).
-#[inline(always)]
-fn reply_entry(pkt: &Packet, t: &Translation) -> (CtKey, Translation) {
-    let (daddr, dport) = if t.flags & CT_F_SNAT != 0 { (t.snat_addr, t.snat_port) } else { (pkt.saddr, pkt.sport) };
-    let key = conntrack::key(t.nat_addr, daddr, t.nat_port, dport, pkt.proto, CT_DIR_REPLY);
-    let restore = Translation {
-        nat_addr: pkt.daddr,
-        nat_port: pkt.dport,
-        backend_id: t.backend_id,
-        service_id: t.service_id,
-        snat_addr: pkt.saddr,
-        snat_port: pkt.sport,
-        flags: t.flags,
-    };
-    (key, restore)
 }

@@ -1,36 +1,140 @@
 //! Source NAT: a source port from the reserved range that no live connection between the same source
-//! address and backend uses — for masquerading to the node address, and for a client whose own port
-//! clashes at the backend. The port is held by the connection's reply entry in `CONNTRACK`, so it is
-//! freed when that entry expires.
+//! address and backend holds — for masquerading to the node address, and for a client whose own port
+//! clashes at the backend. The port is claimed by inserting the connection's reply tuple with
+//! `BPF_NOEXIST` (atomic across CPUs; a claim lost to another CPU probes again) and held until the
+//! connection is removed. When every port tried is held, one held by a connection that is already
+//! over (TIME_WAIT, reset) is taken over — the longest idle — as netfilter lets a new connection
+//! reuse a TIME_WAIT tuple; failing that, one held by a connection nobody has answered for seconds
+//! (an unfinished handshake), so aborted and spoofed handshakes cannot lock a backend out.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use proxy_common::{CT_DIR_REPLY, CtKey, NodeConfig, SNAT_RETRIES, STAT_DROP_SNAT_EXHAUSTED, STAT_SNAT_COLLISION};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, bpf_loop},
+};
+use proxy_common::{
+    CT_F_SNAT, CtEntry, CtKey, NodeConfig, SNAT_RETRIES, STAT_DROP_SNAT_EXHAUSTED, STAT_SNAT_COLLISION,
+    STAT_SNAT_REUSE_CLOSED, STAT_SNAT_REUSE_UNANSWERED,
+};
 
-use crate::{conntrack, stats};
+use crate::{
+    conntrack::{self, Holder},
+    stats,
+};
 
-/// Finds a free source port for a connection from `source_addr` to `backend_addr:backend_port`, and
-/// returns it (network byte order) with the reply key that reserves it. The caller writes that key
-/// before the packet leaves.
-#[inline(always)]
-pub fn allocate(
-    cfg: &NodeConfig,
-    source_addr: u32,
-    backend_addr: u32,
-    backend_port: u16,
-    proto: u8,
+/// A search of the port range (the `bpf_loop` callback's context).
+#[repr(C)]
+struct Probe {
     now: u64,
-) -> Result<(u16, CtKey), u32> {
+    /// Last activity of the longest idle closed holder seen (`u64::MAX`: none).
+    reusable_seen: u64,
+    /// Creation of the oldest unanswered holder seen (`u64::MAX`: none).
+    unanswered_created: u64,
+    backend_addr: u32,
+    source_addr: u32,
+    min: u32,
+    span: u32,
+    start: u32,
+    collisions: u32,
+    backend_port: u16,
+    /// A port nobody live holds (network byte order; 0: none found).
+    claimed: u16,
+    reusable: u16,
+    unanswered: u16,
+    proto: u8,
+    _pad: u8,
+}
+
+impl Probe {
+    #[inline(always)]
+    fn port(&self, i: u32) -> u16 {
+        ((self.min + (self.start + i) % self.span) as u16).to_be()
+    }
+
+    #[inline(always)]
+    fn reply(&self, port: u16) -> CtKey {
+        CtKey::new(self.backend_addr, self.source_addr, self.backend_port, port, self.proto)
+    }
+}
+
+/// One port of the search; stops at the first one nobody live holds. Read-only, and verified
+/// once, however many ports are tried.
+extern "C" fn probe_step(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes the context given to it, a `Probe` on the caller's stack.
+    let probe = unsafe { &mut *(ctx as *mut Probe) };
+    let port = probe.port(i as u32);
+    match conntrack::holder(&probe.reply(port), probe.now) {
+        Holder::Free | Holder::Dead => {
+            probe.claimed = port;
+            return 1;
+        }
+        Holder::Live => probe.collisions += 1,
+        Holder::Closed { last_seen_ns } => {
+            if last_seen_ns < probe.reusable_seen {
+                probe.reusable = port;
+                probe.reusable_seen = last_seen_ns;
+            }
+        }
+        Holder::Unanswered { created_ns } => {
+            probe.collisions += 1;
+            if created_ns < probe.unanswered_created {
+                probe.unanswered = port;
+                probe.unanswered_created = created_ns;
+            }
+        }
+    }
+    0
+}
+
+/// Gives connection `orig` (whose backend is in `entry`) the source `source_addr` and a free port,
+/// claiming its reply tuple. On success `entry` carries the translation.
+#[inline(always)]
+pub fn allocate(entry: &mut CtEntry, orig: &CtKey, source_addr: u32, cfg: &NodeConfig, now: u64) -> Result<(), u32> {
     let min = cfg.snat_port_min as u32;
     let span = (cfg.snat_port_max as u32).saturating_sub(min) + 1;
-    let start = unsafe { bpf_get_prandom_u32() } % span;
-    for i in 0..SNAT_RETRIES {
-        let port = ((min + (start + i) % span) as u16).to_be();
-        let key = conntrack::key(backend_addr, source_addr, backend_port, port, proto, CT_DIR_REPLY);
-        if conntrack::in_use(&key, now) {
-            stats::count(STAT_SNAT_COLLISION);
-            continue;
+    let mut probe = Probe {
+        now,
+        reusable_seen: u64::MAX,
+        unanswered_created: u64::MAX,
+        backend_addr: entry.nat_addr,
+        source_addr,
+        min,
+        span,
+        start: 0,
+        collisions: 0,
+        backend_port: entry.nat_port,
+        claimed: 0,
+        reusable: 0,
+        unanswered: 0,
+        proto: orig.proto,
+        _pad: 0,
+    };
+    // A claim lost to another CPU between the search and the insert searches once more.
+    for _ in 0..2 {
+        probe.start = unsafe { bpf_get_prandom_u32() } % span;
+        probe.claimed = 0;
+        unsafe { bpf_loop(SNAT_RETRIES, probe_step as *mut c_void, (&raw mut probe).cast(), 0) };
+        // A free port; else the longest idle closed one; else the oldest nobody answered.
+        let (port, reused) = if probe.claimed != 0 {
+            (probe.claimed, 0)
+        } else if probe.reusable_seen != u64::MAX {
+            (probe.reusable, STAT_SNAT_REUSE_CLOSED)
+        } else if probe.unanswered_created != u64::MAX {
+            (probe.unanswered, STAT_SNAT_REUSE_UNANSWERED)
+        } else {
+            break;
+        };
+        if conntrack::claim(&probe.reply(port), orig, now)? {
+            if reused != 0 {
+                stats::count(reused);
+            }
+            entry.snat_addr = source_addr;
+            entry.snat_port = port;
+            entry.flags |= CT_F_SNAT;
+            stats::add(STAT_SNAT_COLLISION, u64::from(probe.collisions));
+            return Ok(());
         }
-        return Ok((port, key));
+        probe.collisions += 1;
     }
+    stats::add(STAT_SNAT_COLLISION, u64::from(probe.collisions));
     Err(STAT_DROP_SNAT_EXHAUSTED)
 }

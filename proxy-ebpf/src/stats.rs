@@ -8,3 +8,11 @@ pub fn count(reason: u32) {
         unsafe { *counter += 1 };
     }
 }
+
+/// Adds `n` to a counter.
+#[inline(always)]
+pub fn add(reason: u32, n: u64) {
+    if let Some(counter) = STATS.get_ptr_mut(reason) {
+        unsafe { *counter += n };
+    }
+}

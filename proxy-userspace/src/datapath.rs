@@ -22,6 +22,7 @@ use aya::{
 use proxy_common::{NODE_F_CONFIGURED, NodeConfig, STAT_MAX, SourceRangeKey};
 
 use crate::{
+    conntrack::ConntrackMaps,
     reconcile::{Table, Tables},
     translate::SourceRange,
 };
@@ -36,7 +37,7 @@ pub const TC_PROGRAMS: [&str; 2] = [PROG_FROM_POD, PROG_FROM_NETDEV];
 /// The benchmarks' baseline (never attached).
 pub const PROG_BASELINE: &str = "parse_only";
 pub const SOCK_PROGRAMS: [&str; 4] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 16] = [
     "FRONTENDS",
     "BACKEND_SLOTS",
     "BACKENDS",
@@ -47,6 +48,9 @@ pub const MAP_NAMES: [&str; 13] = [
     "NODE_ADDRS",
     "AFFINITY",
     "CONNTRACK",
+    "CT_REPLY",
+    "CT_RECENT",
+    "CT_RECENT_CURSOR",
     "SOCK_REV_NAT",
     "SOCK_FLOWS",
     "STATS",
@@ -54,10 +58,22 @@ pub const MAP_NAMES: [&str; 13] = [
 
 /// How the maps are created.
 pub enum MapMode<'a> {
-    /// Pinned under this directory (reused if already pinned there): the datapath of `run`.
-    Pinned(&'a Path),
-    /// Private maps with small capacities: `trace` and tests.
-    Private,
+    /// Pinned under `dir` (reused if already pinned there): the datapath of `run`, with a connection
+    /// table of `conntrack_max` connections (an adopted table keeps the size it was created with).
+    Pinned { dir: &'a Path, conntrack_max: u32 },
+    /// Private maps with small capacities and a table of `conntrack_max` connections: `trace` and
+    /// tests.
+    Private { conntrack_max: u32 },
+}
+
+/// The connection table's two maps, sized together.
+const CONNTRACK_MAPS: [&str; 2] = ["CONNTRACK", "CT_REPLY"];
+/// Connections in a private datapath (`trace`, tests) unless said otherwise.
+pub const PRIVATE_CONNTRACK_MAX: u32 = 65_536;
+
+impl MapMode<'_> {
+    /// Private maps of the default sizes.
+    pub const PRIVATE: MapMode<'static> = MapMode::Private { conntrack_max: PRIVATE_CONNTRACK_MAX };
 }
 
 /// The loaded object. Every link is pinned the moment it is made, under this instance's own
@@ -126,17 +142,22 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)>;
         match mode {
-            MapMode::Pinned(dir) => {
+            MapMode::Pinned { dir, conntrack_max } => {
                 fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
                 pins = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
                 for (name, path) in &pins {
                     loader.map_pin_path(name, path.as_path());
                 }
+                let size = adopted_size(dir, conntrack_max)?;
+                for name in CONNTRACK_MAPS {
+                    loader.map_max_entries(name, size);
+                }
             }
-            MapMode::Private => {
+            MapMode::Private { conntrack_max } => {
                 // Enough for any trace; keeps creating the maps cheap.
-                for (name, size) in
-                    [("CONNTRACK", 65_536), ("AFFINITY", 1024), ("SOCK_REV_NAT", 1024), ("SOCK_FLOWS", 1024)]
+                for (name, size) in [("AFFINITY", 1024), ("SOCK_REV_NAT", 1024), ("SOCK_FLOWS", 1024)]
+                    .into_iter()
+                    .chain(CONNTRACK_MAPS.map(|n| (n, conntrack_max)))
                 {
                     loader.map_max_entries(name, size);
                 }
@@ -180,10 +201,9 @@ impl Datapath {
         self.ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing (or already taken)"))
     }
 
-    /// The conntrack map.
-    pub fn conntrack(&mut self) -> Result<HashMap<MapData, proxy_common::CtKey, proxy_common::CtEntry>> {
-        // An LRU hash map reads and writes like a hash map.
-        Ok(HashMap::try_from(self.take_map("CONNTRACK")?)?)
+    /// The connection table's maps.
+    pub fn conntrack(&mut self) -> Result<ConntrackMaps> {
+        ConntrackMaps::new(self.take_map("CONNTRACK")?, self.take_map("CT_REPLY")?)
     }
 
     /// The per-reason counters, summed over CPUs.
@@ -324,6 +344,20 @@ pub fn release_other_links(links_root: &Path, own: &Path) -> Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// The size of the connection table: `wanted`, unless a table is already pinned under `dir` — a
+/// running datapath's connections are adopted with the table they live in, whatever its size.
+fn adopted_size(dir: &Path, wanted: u32) -> Result<u32> {
+    let Ok(data) = MapData::from_pin(dir.join(CONNTRACK_MAPS[0])) else { return Ok(wanted) };
+    let pinned = data.info()?.max_entries();
+    if pinned != wanted {
+        log::warn!(
+            "the pinned connection table holds {pinned} connections, not --conntrack-max {wanted}: keeping its \
+             connections and its size (a restart without --keep-datapath, which removes the maps, applies the new size)"
+        );
+    }
+    Ok(pinned)
 }
 
 /// A map pinned by a running instance under `bpffs`, with its capacity.

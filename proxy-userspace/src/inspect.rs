@@ -7,9 +7,9 @@ use std::{net::SocketAddrV4, path::PathBuf};
 use anyhow::Result;
 use clap::Args;
 use proxy_common::{
-    BACKEND_F_LOCAL, BackendSlotKey, CT_DIR_REPLY, CT_F_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_SYN_SENT, CtEntry, CtKey, FRONTEND_F_AFFINITY, FRONTEND_F_ETP_LOCAL, FRONTEND_F_HAS_ENDPOINTS,
-    FRONTEND_F_ITP_LOCAL, LOCAL_SLOT_BASE, addr_from_map, ct_lifetime_ns, port_from_map,
+    BACKEND_F_LOCAL, BackendSlotKey, CT_F_ASSURED, CT_F_SEEN_REPLY, CT_F_SNAT, CtEntry, CtKey, FRONTEND_F_AFFINITY,
+    FRONTEND_F_ETP_LOCAL, FRONTEND_F_HAS_ENDPOINTS, FRONTEND_F_ITP_LOCAL, LOCAL_SLOT_BASE, addr_from_map, ct_alive,
+    ct_remaining_ns, ct_state_name, port_from_map,
 };
 use serde::Serialize;
 
@@ -115,46 +115,46 @@ pub fn backends(maps: &DesiredMaps) -> Vec<BackendRow> {
 #[derive(Serialize)]
 pub struct ConntrackRow {
     pub protocol: String,
-    pub direction: &'static str,
-    pub source: String,
-    pub destination: String,
-    /// Rewritten to: the backend (service direction) or the Service address (reply direction).
-    pub nat: String,
-    /// With SNAT: the node address and port (service direction) or the client (reply direction).
+    /// The client's address and port as it sent the first packet.
+    pub client: String,
+    /// The Service address and port it connected to.
+    pub service: String,
+    /// The backend the connection was translated to.
+    pub backend: String,
+    /// With SNAT: the source the backend sees (node address, or the client's with another port).
     pub snat: Option<String>,
     pub state: &'static str,
+    /// An answer was seen / the connection is assured (never displaced when the table is full).
+    pub replied: bool,
+    pub assured: bool,
     pub service_id: u32,
     pub backend_id: u32,
     pub idle_s: u64,
     pub expires_in_s: u64,
 }
 
-/// Conntrack entries still alive at `now_ns` (CLOCK_MONOTONIC), oldest activity first.
+/// Connections still alive at `now_ns` (CLOCK_MONOTONIC), oldest activity first.
 pub fn conntrack(entries: &[(CtKey, CtEntry)], now_ns: u64) -> Vec<ConntrackRow> {
     let mut rows: Vec<(u64, ConntrackRow)> = entries
         .iter()
-        .filter_map(|(k, e)| {
+        .filter(|(k, e)| ct_alive(e, k.proto, now_ns))
+        .map(|(k, e)| {
             let idle = now_ns.saturating_sub(e.last_seen_ns);
-            let left = ct_lifetime_ns(k.proto, e.state).checked_sub(idle)?;
             let row = ConntrackRow {
                 protocol: proto_name(k.proto),
-                direction: if k.dir == CT_DIR_REPLY { "reply" } else { "service" },
-                source: sock(k.saddr, k.sport),
-                destination: sock(k.daddr, k.dport),
-                nat: sock(e.nat_addr, e.nat_port),
+                client: sock(k.saddr, k.sport),
+                service: sock(k.daddr, k.dport),
+                backend: sock(e.nat_addr, e.nat_port),
                 snat: (e.flags & CT_F_SNAT != 0).then(|| sock(e.snat_addr, e.snat_port)),
-                state: match e.state {
-                    CT_STATE_SYN_SENT => "syn-sent",
-                    CT_STATE_ESTABLISHED => "established",
-                    CT_STATE_CLOSING => "closing",
-                    _ => "?",
-                },
+                state: ct_state_name(e.state),
+                replied: e.flags & CT_F_SEEN_REPLY != 0,
+                assured: e.flags & CT_F_ASSURED != 0,
                 service_id: e.service_id,
                 backend_id: e.backend_id,
                 idle_s: idle / 1_000_000_000,
-                expires_in_s: left / 1_000_000_000,
+                expires_in_s: ct_remaining_ns(e, k.proto, now_ns) / 1_000_000_000,
             };
-            Some((idle, row))
+            (idle, row)
         })
         .collect();
     rows.sort_by_key(|(idle, _)| std::cmp::Reverse(*idle));
@@ -227,16 +227,17 @@ pub fn run_conntrack(args: &InspectArgs) -> Result<()> {
     let (map, _) = open_pinned_hash::<CtKey, CtEntry>(&args.bpffs, "CONNTRACK")?;
     // Entries come and go while we read: one that vanished between key and value is skipped.
     let entries: Vec<(CtKey, CtEntry)> = map.iter().filter_map(Result::ok).collect();
-    let header = ["PROTO", "DIR", "SOURCE", "DESTINATION", "NAT", "SNAT", "STATE", "SVC", "BACKEND", "IDLE", "EXPIRES"];
+    let header =
+        ["PROTO", "CLIENT", "SERVICE", "BACKEND", "SNAT", "STATE", "ASSURED", "SVC", "BACKEND ID", "IDLE", "EXPIRES"];
     print(args, &conntrack(&entries, monotonic_ns()), &header, |r| {
         vec![
             r.protocol.clone(),
-            r.direction.to_owned(),
-            r.source.clone(),
-            r.destination.clone(),
-            r.nat.clone(),
+            r.client.clone(),
+            r.service.clone(),
+            r.backend.clone(),
             r.snat.clone().unwrap_or_else(|| "-".into()),
             r.state.to_owned(),
+            r.assured.to_string(),
             r.service_id.to_string(),
             r.backend_id.to_string(),
             format!("{}s", r.idle_s),

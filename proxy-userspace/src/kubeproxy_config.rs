@@ -30,7 +30,31 @@ pub struct FileConfig {
     pub sync_period: Option<Duration>,
     pub min_sync_period: Option<Duration>,
     pub kubeconfig: Option<String>,
+    /// `conntrack.maxPerCore` and `conntrack.min`: the connection table's size.
+    pub conntrack_max_per_core: Option<u32>,
+    pub conntrack_min: Option<u32>,
 }
+
+impl FileConfig {
+    /// The table size kube-proxy would set (`max(maxPerCore × CPUs, min)`, `min` defaulting to
+    /// 131072), if the file sets one.
+    pub fn conntrack_max(&self, cpus: u32) -> Option<u32> {
+        if self.conntrack_max_per_core.is_none() && self.conntrack_min.is_none() {
+            return None;
+        }
+        let per_core = self.conntrack_max_per_core.unwrap_or(32_768);
+        Some(per_core.saturating_mul(cpus).max(self.conntrack_min.unwrap_or(131_072)))
+    }
+}
+
+/// The datapath's fixed conntrack lifetimes, as kube-proxy's conntrack fields spell them: a file
+/// that asks for these is obeyed; one that asks for others is told they are not supported.
+const CONNTRACK_TIMEOUTS: &[(&str, &str)] = &[
+    ("conntrack.tcpEstablishedTimeout", "24h"),
+    ("conntrack.tcpCloseWaitTimeout", "1h"),
+    ("conntrack.udpTimeout", "30s"),
+    ("conntrack.udpStreamTimeout", "2m"),
+];
 
 /// Known fields ebpf-proxy does not act on: reported when set to something other than their zero value.
 const UNSUPPORTED: &[&str] = &[
@@ -50,7 +74,7 @@ const UNSUPPORTED: &[&str] = &[
     "winkernel",
     "detectLocal",
     "oomScoreAdj",
-    "conntrack",
+    "conntrack.tcpBeLiberal",
     "configSyncPeriod",
     "portRange",
 ];
@@ -94,6 +118,13 @@ const KNOWN: &[&str] = &[
     "nodePortAddresses",
     "oomScoreAdj",
     "conntrack",
+    "conntrack.maxPerCore",
+    "conntrack.min",
+    "conntrack.tcpEstablishedTimeout",
+    "conntrack.tcpCloseWaitTimeout",
+    "conntrack.tcpBeLiberal",
+    "conntrack.udpTimeout",
+    "conntrack.udpStreamTimeout",
     "configSyncPeriod",
     "portRange",
     "syncPeriod",
@@ -101,7 +132,7 @@ const KNOWN: &[&str] = &[
 ];
 
 /// Sections whose contents are not checked field by field (unsupported as a whole, or free-form).
-const OPAQUE: &[&str] = &["featureGates", "logging", "ipvs", "winkernel", "detectLocal", "conntrack"];
+const OPAQUE: &[&str] = &["featureGates", "logging", "ipvs", "winkernel", "detectLocal"];
 
 fn is_zero(v: &Value) -> bool {
     match v {
@@ -135,6 +166,10 @@ fn string(v: &Value, path: &str) -> Result<String> {
 
 fn duration(v: &Value, path: &str) -> Result<Duration> {
     humantime::parse_duration(&string(v, path)?).with_context(|| format!("{path}: not a duration"))
+}
+
+fn count(v: &Value, path: &str) -> Result<u32> {
+    v.as_u64().and_then(|n| u32::try_from(n).ok()).with_context(|| format!("{path}: expected a count"))
 }
 
 /// `IP:port`, or an IP alone with kube-proxy's default port.
@@ -222,6 +257,14 @@ pub fn parse(text: &str) -> Result<(FileConfig, Vec<String>)> {
                 cfg.min_sync_period = Some(duration(v, path)?);
             }
             "clientConnection.kubeconfig" => cfg.kubeconfig = Some(string(v, path)?),
+            "conntrack.maxPerCore" => cfg.conntrack_max_per_core = Some(count(v, path)?),
+            "conntrack.min" => cfg.conntrack_min = Some(count(v, path)?),
+            p if CONNTRACK_TIMEOUTS.iter().any(|(name, _)| *name == p) => {
+                let (_, ours) = CONNTRACK_TIMEOUTS.iter().find(|(name, _)| *name == p).expect("listed");
+                if duration(v, path)? != humantime::parse_duration(ours).expect("valid") {
+                    notes.push(format!("{path} is set but not supported: ebpf-proxy's datapath uses {ours}"));
+                }
+            }
             "detectLocalMode" if string(v, path)? != "ClusterCIDR" => {
                 notes.push(format!(
                     "detectLocalMode {:?} is not supported: local traffic is detected by clusterCIDR",
@@ -288,6 +331,11 @@ pub fn apply(cfg: &FileConfig, args: &mut crate::run::RunArgs, explicit: impl Fn
         && !explicit("min_sync_period")
     {
         args.min_sync_period = v;
+    }
+    if let Some(max) = cfg.conntrack_max(crate::run::cpus())
+        && !explicit("conntrack_max")
+    {
+        args.conntrack_max = Some(max);
     }
     if let Some(k) = &cfg.kubeconfig {
         if explicit("kubeconfig") || args.objects.is_some() {

@@ -3,8 +3,10 @@
 //! Flow of state: [`objects`] (Kubernetes YAML) → [`model`] (Service ports and endpoints) →
 //! [`translate`] (map entries) → [`reconcile`] (diff and write) → the maps of [`datapath`].
 
+pub mod batch;
 pub mod cleanup;
 pub mod config;
+pub mod conntrack;
 pub mod datapath;
 pub mod health;
 pub mod inspect;

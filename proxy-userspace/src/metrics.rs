@@ -23,7 +23,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use proxy_common::{Affinity, AffinityKey, CtEntry, CtKey, STAT_MAX, SockFlow, SockFlowKey, stat_is_drop, stat_name};
+use proxy_common::{Affinity, AffinityKey, STAT_MAX, SockFlow, SockFlowKey, stat_is_drop, stat_name};
 
 use crate::datapath::{open_pinned, open_pinned_hash};
 
@@ -73,11 +73,40 @@ impl SyncMetrics {
     }
 }
 
+/// The connection table as its collector last saw it: counting it at scrape time would walk every
+/// connection on every scrape.
+#[derive(Clone, Default)]
+pub struct ConntrackMetrics {
+    /// Connections alive after the last collection.
+    pub alive: Arc<std::sync::atomic::AtomicU64>,
+    pub capacity: Arc<std::sync::atomic::AtomicU64>,
+    /// Entries the collector removed: dead connections, reply tuples left without one.
+    pub removed: Family<Vec<(String, String)>, Counter>,
+    pub failures: Counter,
+}
+
+impl ConntrackMetrics {
+    /// Records one collection.
+    pub fn record(&self, result: &Result<crate::conntrack::Collected>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match result {
+            Ok(c) => {
+                self.alive.store(c.alive as u64, Relaxed);
+                let kind = |k: &str| vec![("kind".to_owned(), k.to_owned())];
+                self.removed.get_or_create(&kind("dead")).inc_by(c.dead as u64);
+                self.removed.get_or_create(&kind("orphan_reply")).inc_by(c.orphans as u64);
+            }
+            Err(_) => {
+                self.failures.inc();
+            }
+        }
+    }
+}
+
 /// The pinned maps read at scrape time (opened again from their pins: the running datapath keeps its
 /// own handles), with the capacities of the state maps.
 struct PinnedMaps {
     stats: PerCpuArray<MapData, u64>,
-    conntrack: (HashMap<MapData, CtKey, CtEntry>, u32),
     affinity: (HashMap<MapData, AffinityKey, Affinity>, u32),
     sock_flows: (HashMap<MapData, SockFlowKey, SockFlow>, u32),
 }
@@ -86,14 +115,13 @@ impl PinnedMaps {
     fn open(bpffs: &Path) -> Result<Self> {
         Ok(Self {
             stats: PerCpuArray::try_from(open_pinned(bpffs, "STATS")?.0)?,
-            conntrack: open_pinned_hash(bpffs, "CONNTRACK")?,
             affinity: open_pinned_hash(bpffs, "AFFINITY")?,
             sock_flows: open_pinned_hash(bpffs, "SOCK_FLOWS")?,
         })
     }
 }
 
-struct DatapathCollector(Mutex<PinnedMaps>);
+struct DatapathCollector(Mutex<PinnedMaps>, ConntrackMetrics);
 
 impl fmt::Debug for DatapathCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -134,9 +162,11 @@ impl Collector for DatapathCollector {
             "Packets dropped by the datapath, by reason",
             named(true),
         )?;
-        // Fill levels: entries currently in the LRU maps (expired ones count until evicted).
+        // Fill levels: connections as of the collector's last pass; entries currently in the LRU maps
+        // (expired ones count until evicted).
+        let ct = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed) as usize;
         let fills = [
-            ("conntrack", maps.conntrack.0.keys().count(), maps.conntrack.1),
+            ("conntrack", ct(&self.1.alive), ct(&self.1.capacity) as u32),
             ("affinity", maps.affinity.0.keys().count(), maps.affinity.1),
             ("sock_flows", maps.sock_flows.0.keys().count(), maps.sock_flows.1),
         ];
@@ -166,11 +196,14 @@ impl Collector for DatapathCollector {
 pub struct Metrics {
     registry: Registry,
     pub sync: SyncMetrics,
+    pub conntrack: ConntrackMetrics,
 }
 
 impl Metrics {
-    pub fn new(bpffs: &Path) -> Result<Self> {
+    pub fn new(bpffs: &Path, conntrack_capacity: u32) -> Result<Self> {
         let sync = SyncMetrics::new();
+        let conntrack = ConntrackMetrics::default();
+        conntrack.capacity.store(u64::from(conntrack_capacity), std::sync::atomic::Ordering::Relaxed);
         let mut registry = Registry::default();
         let kp = registry.sub_registry_with_prefix("kubeproxy");
         kp.register(
@@ -210,8 +243,15 @@ impl Metrics {
             "Kubernetes objects skipped as malformed, by kind",
             sync.skipped_objects.clone(),
         );
-        registry.register_collector(Box::new(DatapathCollector(Mutex::new(PinnedMaps::open(bpffs)?))));
-        Ok(Self { registry, sync })
+        own.register(
+            "conntrack_gc_removed",
+            "Entries the conntrack collector removed: dead connections, reply tuples without one",
+            conntrack.removed.clone(),
+        );
+        own.register("conntrack_gc_failures", "Conntrack collections that failed", conntrack.failures.clone());
+        registry
+            .register_collector(Box::new(DatapathCollector(Mutex::new(PinnedMaps::open(bpffs)?), conntrack.clone())));
+        Ok(Self { registry, sync, conntrack })
     }
 
     pub fn encode(&self) -> Result<String> {

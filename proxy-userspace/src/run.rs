@@ -6,14 +6,17 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap, MapData};
 use clap::{ArgAction, Args};
-use proxy_common::{CtEntry, CtKey, SockFlow, SockFlowKey};
+use proxy_common::{SockFlow, SockFlowKey, default_conntrack_max};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -21,6 +24,7 @@ use tokio::{
 
 use crate::{
     config::NodeArgs,
+    conntrack::{self, ConntrackMaps},
     datapath::{self, Datapath, MapMode, PROG_FROM_NETDEV, PROG_FROM_POD},
     health::{self, ServiceHealth},
     kube_source,
@@ -95,6 +99,20 @@ pub struct RunArgs {
     /// (kube-proxy: --min-sync-period).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub min_sync_period: Duration,
+    /// Connections the datapath tracks at most. A full table drops new connections (after
+    /// displacing unanswered ones); established ones are never evicted. Default: kube-proxy's
+    /// (conntrack.maxPerCore 32768 per CPU, at least conntrack.min 131072).
+    #[arg(long)]
+    pub conntrack_max: Option<u32>,
+    /// How often connections that are over are removed from the table (the datapath also removes
+    /// the ones it meets).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub conntrack_gc_interval: Duration,
+}
+
+/// CPUs this process may run on (the default conntrack size counts them, as kube-proxy does).
+pub fn cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -186,7 +204,7 @@ struct Proxy {
     node: NodeArgs,
     snat_ports: (u16, u16),
     host_netns_cookie: u64,
-    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    conntrack: ConntrackMaps,
     sock_flows: HashMap<MapData, SockFlowKey, SockFlow>,
     /// Serving UDP endpoints after the last sync; `None` before the first (which always checks, as
     /// entries may be left from an earlier instance).
@@ -327,18 +345,14 @@ impl Proxy {
         serving: &BTreeSet<FlowTarget>,
         backends: &std::collections::BTreeMap<u32, proxy_common::Backend>,
     ) -> Result<(usize, usize)> {
-        let ct: Vec<(CtKey, CtEntry)> = self.conntrack.iter().collect::<Result<_, _>>()?;
-        let stale_ct = stale::stale_conntrack(ct.iter().map(|(k, e)| (k, e)), serving);
-        for k in &stale_ct {
-            // Gone already (expired, evicted) is as good.
-            let _ = self.conntrack.remove(k);
-        }
+        let ct = self.conntrack.connections()?;
+        let stale_ct = self.conntrack.remove(&stale::stale_conntrack(ct.iter().map(|(k, e)| (k, e)), serving))?;
         let flows: Vec<(SockFlowKey, SockFlow)> = self.sock_flows.iter().collect::<Result<_, _>>()?;
         let stale_flows = stale::stale_sock_flows(flows.iter().map(|(k, f)| (k, f)), backends, serving);
         for k in &stale_flows {
             let _ = self.sock_flows.remove(k);
         }
-        Ok((stale_ct.len(), stale_flows.len()))
+        Ok((stale_ct, stale_flows.len()))
     }
 
     fn on_link(&mut self, event: LinkEvent, args: &RunArgs) {
@@ -369,7 +383,8 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
     }
     let cgroup = if args.socket_lb { Some(args.cgroup.clone().map_or_else(default_cgroup, Ok)?) } else { None };
     let links_dir = args.bpffs.join("links");
-    let mut dp = Datapath::load(MapMode::Pinned(&args.bpffs))?;
+    let conntrack_max = args.conntrack_max.unwrap_or_else(|| default_conntrack_max(cpus()));
+    let mut dp = Datapath::load(MapMode::Pinned { dir: &args.bpffs, conntrack_max })?;
     let own_links = dp.pin_links_in(&links_dir)?;
     let tables = dp.tables()?;
     let reconciler = Reconciler::new(&tables).context("reading the pinned maps")?;
@@ -387,6 +402,8 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
         log::warn!("no --node-ip: NodePorts are not served and traffic needing masquerade is dropped");
     }
     let conntrack = dp.conntrack()?;
+    let conntrack_capacity = conntrack.capacity;
+    log::info!("connection table: {conntrack_capacity} connections");
     let sock_flows = HashMap::try_from(dp.take_map("SOCK_FLOWS")?)?;
     // As kube-proxy: every address when NodePorts are served on all of them, else the matching ones.
     let health_bind = if args.node.nodeport_addresses.is_empty() {
@@ -409,12 +426,32 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
         health: ServiceHealth::new(health_bind),
         // As kube-proxy: unhealthy once a change has waited twice the sync period.
         proxy_health: ProxyHealth::new(2 * args.sync_period),
-        metrics: Arc::new(Metrics::new(&args.bpffs)?),
+        metrics: Arc::new(Metrics::new(&args.bpffs, conntrack_capacity)?),
         seen_triggers: BTreeSet::new(),
         reported: BTreeSet::new(),
     };
     let _healthz = proxy.proxy_health.clone().serve(args.healthz_bind_address).await?;
     let _metrics = proxy.metrics.clone().serve(args.metrics_bind_address).await?;
+    let gc_stop = Arc::new(AtomicBool::new(false));
+    let gc_metrics = proxy.metrics.conntrack.clone();
+    let gc = conntrack::spawn_collector(
+        ConntrackMaps::pinned(&args.bpffs)?,
+        args.conntrack_gc_interval,
+        gc_stop.clone(),
+        move |result, took| {
+            match &result {
+                Ok(c) if c.dead + c.orphans > 0 => log::debug!(
+                    "conntrack: {} alive, removed {} dead and {} orphan reply tuples in {took:?}",
+                    c.alive,
+                    c.dead,
+                    c.orphans
+                ),
+                Ok(_) => {}
+                Err(e) => log::error!("conntrack collection failed: {e:#}"),
+            }
+            gc_metrics.record(&result);
+        },
+    );
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
     let link_task = tokio::spawn(async move {
@@ -467,6 +504,8 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
         }
     }
     link_task.abort();
+    gc_stop.store(true, Ordering::Relaxed);
+    let _ = gc.join();
     drop(source);
     if args.keep_datapath {
         proxy.dp.keep_links();

@@ -8,10 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::{
-    Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CtEntry, CtKey, FrontendKey, PROTO_UDP, SockFlow, SockFlowKey, addr_to_map,
-    port_to_map,
-};
+use proxy_common::{Backend, CtEntry, CtKey, FrontendKey, PROTO_UDP, SockFlow, SockFlowKey, addr_to_map, port_to_map};
 
 use crate::{
     model::Model,
@@ -43,28 +40,15 @@ pub fn serving_udp(model: &Model, node: &NodeContext, desired: &DesiredMaps) -> 
     out
 }
 
-/// Where a conntrack entry's flow goes, if it is a UDP flow. Reply entries are keyed by the
-/// backend's address and port.
-fn ct_target(key: &CtKey, entry: &CtEntry) -> Option<FlowTarget> {
-    if key.proto != PROTO_UDP {
-        return None;
-    }
-    match key.dir {
-        CT_DIR_SERVICE => Some((entry.service_id, entry.nat_addr, entry.nat_port)),
-        CT_DIR_REPLY => Some((entry.service_id, key.saddr, key.sport)),
-        _ => None,
-    }
-}
-
-/// The conntrack entries (both directions) of UDP flows to endpoints no longer serving.
+/// The UDP connections to endpoints no longer serving (removed with both directions).
 pub fn stale_conntrack<'a>(
     entries: impl IntoIterator<Item = (&'a CtKey, &'a CtEntry)>,
     serving: &BTreeSet<FlowTarget>,
-) -> Vec<CtKey> {
+) -> Vec<(CtKey, CtEntry)> {
     entries
         .into_iter()
-        .filter(|(k, e)| ct_target(k, e).is_some_and(|t| !serving.contains(&t)))
-        .map(|(k, _)| *k)
+        .filter(|(k, e)| k.proto == PROTO_UDP && !serving.contains(&(e.service_id, e.nat_addr, e.nat_port)))
+        .map(|(k, e)| (*k, *e))
         .collect()
 }
 
@@ -100,38 +84,23 @@ mod tests {
         addr_to_map([10, 244, 1, last])
     }
 
-    fn flow(proto: u8, backend: u8) -> [(CtKey, CtEntry); 2] {
+    fn flow(proto: u8, backend: u8) -> (CtKey, CtEntry) {
         let client = addr_to_map([10, 244, 2, 9]);
         let vip = addr_to_map([10, 96, 0, 53]);
         let (p53, p5353, client_port) = (port_to_map(53), port_to_map(5353), port_to_map(4000 + u16::from(backend)));
         let entry = CtEntry { service_id: SVC, nat_addr: a(backend), nat_port: p5353, ..Default::default() };
-        let service =
-            CtKey { saddr: client, daddr: vip, sport: client_port, dport: p53, proto, dir: CT_DIR_SERVICE, _pad: 0 };
-        let reply = CtKey {
-            saddr: a(backend),
-            daddr: client,
-            sport: p5353,
-            dport: client_port,
-            proto,
-            dir: CT_DIR_REPLY,
-            _pad: 0,
-        };
-        let restore = CtEntry { service_id: SVC, nat_addr: vip, nat_port: p53, ..Default::default() };
-        [(service, entry), (reply, restore)]
+        (CtKey::new(client, vip, client_port, p53, proto), entry)
     }
 
     #[test]
-    fn udp_flows_to_endpoints_that_stopped_serving_are_stale_in_both_directions() {
-        let ct: BTreeMap<CtKey, CtEntry> =
-            [flow(PROTO_UDP, 2), flow(PROTO_UDP, 3), flow(PROTO_TCP, 2)].into_iter().flatten().collect();
+    fn udp_flows_to_endpoints_that_stopped_serving_are_stale() {
+        let ct: BTreeMap<CtKey, CtEntry> = [flow(PROTO_UDP, 2), flow(PROTO_UDP, 3), flow(PROTO_TCP, 2)].into();
         let serving = BTreeSet::from([(SVC, a(3), port_to_map(5353))]);
         let stale = stale_conntrack(&ct, &serving);
-        assert_eq!(stale.len(), 2, "{stale:?}");
-        assert!(stale.iter().all(|k| k.proto == PROTO_UDP), "TCP entries are never purged");
-        assert!(stale.iter().any(|k| k.dir == CT_DIR_SERVICE && ct[k].nat_addr == a(2)));
-        assert!(stale.iter().any(|k| k.dir == CT_DIR_REPLY && k.saddr == a(2)));
+        assert_eq!(stale.len(), 1, "{stale:?}");
+        assert!(stale.iter().all(|(k, e)| k.proto == PROTO_UDP && e.nat_addr == a(2)), "TCP is never purged");
         // The same endpoint serving another frontend does not keep this frontend's flows.
-        assert_eq!(stale_conntrack(&ct, &BTreeSet::from([(SVC + 1, a(2), port_to_map(5353))])).len(), 4);
+        assert_eq!(stale_conntrack(&ct, &BTreeSet::from([(SVC + 1, a(2), port_to_map(5353))])).len(), 2);
     }
 
     #[test]

@@ -14,14 +14,15 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use clap::{Args, ValueEnum};
 use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
 use proxy_common::{
-    Affinity, AffinityKey, CtEntry, CtKey, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FrontendKey, STAT_SNAT,
-    addr_to_map, port_to_map, stat_is_drop, stat_name,
+    Affinity, AffinityKey, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FrontendKey, STAT_SNAT, addr_to_map,
+    port_to_map, stat_is_drop, stat_name,
 };
 use serde::Serialize;
 
 use crate::{
     config::{NodeArgs, Origin},
-    datapath::{Datapath, MapMode, PROG_FROM_NETDEV, PROG_FROM_POD},
+    conntrack::ConntrackMaps,
+    datapath::{Datapath, MapMode, PRIVATE_CONNTRACK_MAX, PROG_FROM_NETDEV, PROG_FROM_POD},
     model::{self, Model, ModelOptions, Protocol},
     objects,
     reconcile::Reconciler,
@@ -207,7 +208,7 @@ pub struct TraceDatapath {
     pub node: NodeContext,
     pub desired: DesiredMaps,
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
-    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub conntrack: ConntrackMaps,
 }
 
 impl TraceDatapath {
@@ -217,12 +218,22 @@ impl TraceDatapath {
 
     /// As [`Self::new`], with another SNAT port range (tests of port allocation use a small one).
     pub fn with_snat_ports(objects_path: &std::path::Path, node: &NodeArgs, snat_ports: (u16, u16)) -> Result<Self> {
+        Self::with_options(objects_path, node, snat_ports, PRIVATE_CONNTRACK_MAX)
+    }
+
+    /// As [`Self::with_snat_ports`], with a connection table of `conntrack_max` connections.
+    pub fn with_options(
+        objects_path: &std::path::Path,
+        node: &NodeArgs,
+        snat_ports: (u16, u16),
+        conntrack_max: u32,
+    ) -> Result<Self> {
         let objects = objects::load(objects_path)?;
         let model = model::build(&objects, &ModelOptions::default());
         let mut node = NodeContext::new(node, &model);
         node.snat_ports = snat_ports;
         let (desired, _) = translate::translate(&model, &node, &mut Ids::default());
-        let mut dp = Datapath::load(MapMode::Private)?;
+        let mut dp = Datapath::load(MapMode::Private { conntrack_max })?;
         let mut tables = dp.tables()?;
         Reconciler::new(&tables)?.sync(&desired, &mut tables)?;
         let affinity = HashMap::try_from(dp.take_map("AFFINITY")?)?;
@@ -242,11 +253,7 @@ impl TraceDatapath {
     /// Forgets every connection: a trace is about new connections, and one trace's clients must not
     /// find the ports an earlier trace used still paired with a backend.
     fn clear_conntrack(&mut self) -> Result<()> {
-        let keys: Vec<CtKey> = self.conntrack.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            let _ = self.conntrack.remove(&k);
-        }
-        Ok(())
+        self.conntrack.clear()
     }
 
     /// Runs one packet through `program` and interprets the result.

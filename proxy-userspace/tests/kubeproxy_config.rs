@@ -71,13 +71,28 @@ fn the_kubeadm_config_map_is_read_and_its_ipv4_cluster_cidr_used() {
 }
 
 #[test]
+fn the_conntrack_size_is_kube_proxys_and_its_default_timeouts_are_accepted() {
+    // kube-proxy: max(maxPerCore × CPUs, min), min defaulting to 131072.
+    let (cfg, notes) = kpc::parse(&KUBEADM.replace("  maxPerCore: null", "  maxPerCore: 100000")).unwrap();
+    assert_eq!((cfg.conntrack_max(2), cfg.conntrack_max(1)), (Some(200_000), Some(131_072)));
+    assert!(notes.is_empty(), "{notes:?}");
+    let (cfg, _) = kpc::parse(&KUBEADM).unwrap();
+    assert_eq!(cfg.conntrack_max(8), None, "nulls: the default size");
+    // The datapath's own lifetimes, spelled as kube-proxy does, are nothing to report.
+    let text = KUBEADM
+        .replace("  tcpCloseWaitTimeout: null", "  tcpCloseWaitTimeout: 1h0m0s")
+        .replace("  tcpEstablishedTimeout: null", "  tcpEstablishedTimeout: 24h0m0s");
+    assert!(kpc::parse(&text).unwrap().1.is_empty());
+}
+
+#[test]
 fn unsupported_fields_that_are_set_are_reported_and_unknown_fields_rejected() {
     let text = KUBEADM
-        .replace("  maxPerCore: null", "  maxPerCore: 32768")
+        .replace("  tcpCloseWaitTimeout: null", "  tcpCloseWaitTimeout: 2h")
         .replace("oomScoreAdj: null", "oomScoreAdj: -999")
         .replace("detectLocalMode: \"\"", "detectLocalMode: NodeCIDR");
     let (_, notes) = kpc::parse(&text).unwrap();
-    for want in ["conntrack", "oomScoreAdj", "NodeCIDR"] {
+    for want in ["conntrack.tcpCloseWaitTimeout", "oomScoreAdj", "NodeCIDR"] {
         assert!(notes.iter().any(|n| n.contains(want)), "{want} not reported: {notes:?}");
     }
     let err =

@@ -401,20 +401,17 @@ fn inspection_rows_show_frontends_with_their_sets_and_only_live_conntrack_entrie
     assert_eq!(table, "A          LONGER\nwide cell  x\n");
 
     let sec = 1_000_000_000u64;
-    let key = |sport| proxy_common::CtKey {
-        sport,
-        proto: PROTO_UDP,
-        dir: proxy_common::CT_DIR_SERVICE,
-        ..Default::default()
-    };
+    let key = |sport| proxy_common::CtKey { sport, proto: PROTO_UDP, ..Default::default() };
     let entry = |last_seen_ns| proxy_common::CtEntry {
         last_seen_ns,
-        state: proxy_common::CT_STATE_ESTABLISHED,
+        state: proxy_common::CT_STATE_REPLIED,
+        flags: proxy_common::CT_F_ASSURED | proxy_common::CT_F_SEEN_REPLY,
         ..Default::default()
     };
     let now = 1000 * sec;
-    // UDP entries live 120 s after their last packet.
+    // Answered UDP flows live 120 s after their last packet.
     let rows = inspect::conntrack(&[(key(1), entry(now - 10 * sec)), (key(2), entry(now - 200 * sec))], now);
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].idle_s, rows[0].expires_in_s, rows[0].protocol.as_str()), (10, 110, "UDP"));
+    assert_eq!((rows[0].state, rows[0].assured), ("REPLIED", true));
 }

@@ -4,6 +4,7 @@ pub mod apiserver;
 pub mod client;
 pub mod cluster;
 pub mod packets;
+pub mod progbed;
 pub mod testbed;
 
 use std::path::PathBuf;

@@ -2,33 +2,23 @@
 //! valid checksums, SNAT source-port allocation under collisions, reverse SNAT, expiry of SNAT ports
 //! and of session affinity, SCTP checksum after a port rewrite. Needs root.
 
-use std::{
-    fs,
-    net::{Ipv4Addr, SocketAddrV4},
-};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use ebpf_proxy::{
-    config::NodeArgs,
     datapath::{PROG_FROM_NETDEV, PROG_FROM_POD},
-    trace::{TraceDatapath, sctp_crc32c, sctp_init},
+    trace::{sctp_crc32c, sctp_init},
 };
 use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
 use proxy_common::{
-    Affinity, AffinityKey, CT_DIR_REPLY, CT_F_SNAT, CT_STATE_ESTABLISHED, CtEntry, CtKey, PROTO_TCP, STAT_CT_NEW,
-    STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT,
-    STAT_REJECT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SNAT_COLLISION, STAT_SOURCE_PORT_REMAP, addr_to_map, port_to_map,
+    Affinity, AffinityKey, CT_F_ASSURED, CT_F_SEEN_REPLY, CT_F_SNAT, CT_STATE_CLOSE, CT_STATE_ESTABLISHED,
+    CT_STATE_TIME_WAIT, CtEntry, CtKey, PROTO_TCP, STAT_CT_NEW, STAT_CT_REOPEN, STAT_DROP_NO_LOCAL_ENDPOINTS,
+    STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_REJECT, STAT_REVERSE_NAT,
+    STAT_SNAT, STAT_SNAT_COLLISION, STAT_SNAT_REUSE_CLOSED, STAT_SOURCE_PORT_REMAP, addr_to_map, port_to_map,
 };
 use tests::{
     packets::{self, MAC_A, MAC_B, inspect},
-    testbed::WorkDir,
+    progbed::{NODE_IP, ProgBed, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, now_ns},
 };
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
 const POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 5), 40_000);
 const EXTERNAL: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 50_000);
 const REMOTE_BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 7), 8080);
@@ -122,82 +112,59 @@ ports: [{name: s, port: 5353, protocol: SCTP}]
 endpoints: [{addresses: [10.244.1.2], nodeName: node-a, conditions: {ready: true}}]
 "#;
 
-struct Bed {
-    tdp: TraceDatapath,
-    _dir: WorkDir,
-}
-
 fn sa(ip: [u8; 4], port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(ip), port)
 }
 
+struct Bed(ProgBed);
+
+impl std::ops::Deref for Bed {
+    type Target = ProgBed;
+    fn deref(&self) -> &ProgBed {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut ProgBed {
+        &mut self.0
+    }
+}
+
 impl Bed {
     fn new() -> Self {
-        assert!(nix::unistd::Uid::effective().is_root(), "BPF_PROG_TEST_RUN tests need root");
-        tests::isolate_thread_netns();
-        let dir =
-            std::env::temp_dir().join(format!("epx-nat-{}-{:?}", std::process::id(), std::thread::current().id()));
-        fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join("objects.yaml"), OBJECTS).unwrap();
-        let node = NodeArgs {
-            node_name: "node-a".into(),
-            node_ips: vec![NODE_IP],
-            cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
-            service_cidr: Some("10.96.0.0/16".parse().unwrap()),
+        Self(ProgBed::new(OBJECTS, SNAT_PORTS))
+    }
+
+    /// A connection from another external client (port `port`) through the NodePort, masqueraded
+    /// to SNAT port `port` towards `backend`, in `state`, last active at `last_seen_ns`.
+    fn occupy(&mut self, backend: SocketAddrV4, port: u16, state: u8, last_seen_ns: u64) -> CtKey {
+        let orig =
+            ct_key(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 99), port), SocketAddrV4::new(NODE_IP, NODE_PORT));
+        let entry = CtEntry {
+            created_ns: last_seen_ns,
+            last_seen_ns,
+            nat_addr: addr_to_map(backend.ip().octets()),
+            nat_port: port_to_map(backend.port()),
+            snat_addr: addr_to_map(NODE_IP.octets()),
+            snat_port: port_to_map(port),
+            state,
+            flags: CT_F_SNAT | CT_F_ASSURED | CT_F_SEEN_REPLY,
             ..Default::default()
         };
-        let tdp = TraceDatapath::with_snat_ports(&dir.join("objects.yaml"), &node, SNAT_PORTS).expect("datapath");
-        Self { tdp, _dir: WorkDir(dir) }
-    }
-
-    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let prog = self.tdp.dp.classifier(prog).unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
-            .expect("test_run");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    }
-
-    /// Runs a frame; asserts the action and exactly which counters moved (with how much).
-    fn expect(&self, prog: &str, frame: &[u8], action: u32, moved: &[(u32, u64)]) -> Vec<u8> {
-        let before = self.tdp.dp.read_stats().unwrap();
-        let (ret, out) = self.run(prog, frame);
-        let after = self.tdp.dp.read_stats().unwrap();
-        assert_eq!(ret, action, "action");
-        let changed: Vec<(u32, u64)> =
-            (0..before.len()).filter(|&i| after[i] != before[i]).map(|i| (i as u32, after[i] - before[i])).collect();
-        assert_eq!(changed, moved, "counters that moved");
-        out
-    }
-
-    /// A live reply entry that holds SNAT port `port` towards `backend`.
-    fn occupy(&mut self, backend: SocketAddrV4, port: u16, last_seen_ns: u64) {
-        let key = ct_key(backend, SocketAddrV4::new(NODE_IP, port), CT_DIR_REPLY);
-        let entry = CtEntry { last_seen_ns, state: CT_STATE_ESTABLISHED, flags: CT_F_SNAT, ..Default::default() };
-        self.tdp.conntrack.insert(&key, &entry, 0).unwrap();
+        self.0.tdp.conntrack.insert(&orig, &entry).unwrap();
+        orig
     }
 }
 
-fn ct_key(s: SocketAddrV4, d: SocketAddrV4, dir: u8) -> CtKey {
-    CtKey {
-        saddr: addr_to_map(s.ip().octets()),
-        daddr: addr_to_map(d.ip().octets()),
-        sport: port_to_map(s.port()),
-        dport: port_to_map(d.port()),
-        proto: PROTO_TCP,
-        dir,
-        _pad: 0,
-    }
-}
-
-/// CLOCK_MONOTONIC now, as bpf_ktime_get_ns() reads it.
-fn now_ns() -> u64 {
-    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to write to.
-    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) }, 0);
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+fn ct_key(s: SocketAddrV4, d: SocketAddrV4) -> CtKey {
+    CtKey::new(
+        addr_to_map(s.ip().octets()),
+        addr_to_map(d.ip().octets()),
+        port_to_map(s.port()),
+        port_to_map(d.port()),
+        PROTO_TCP,
+    )
 }
 
 fn tcp_header(frame: &[u8]) -> etherparse::TcpHeader {
@@ -325,37 +292,36 @@ fn a_client_port_the_backend_already_pairs_with_another_service_is_remapped() {
 
     // A new connection to the first Service from the same port, once the first one closed, is the
     // same pairing at the backend as before: no remap.
-    let key = ct_key(POD, first, proxy_common::CT_DIR_SERVICE);
-    let mut e = bed.tdp.conntrack.get(&key, 0).unwrap();
-    e.state = proxy_common::CT_STATE_CLOSING;
-    bed.tdp.conntrack.insert(&key, &e, 0).unwrap();
+    let key = ct_key(POD, first);
+    let mut e = bed.tdp.conntrack.get(&key).unwrap();
+    e.state = CT_STATE_TIME_WAIT;
+    bed.tdp.conntrack.insert(&key, &e).unwrap();
     let out = bed.expect(
         PROG_FROM_POD,
         &packets::tcp(POD, first, true, false, &[]),
         TC_ACT_OK,
-        &[(STAT_FORWARD_DNAT, 1), (STAT_CT_NEW, 1)],
+        &[(STAT_FORWARD_DNAT, 1), (STAT_CT_NEW, 1), (STAT_CT_REOPEN, 1)],
     );
     assert_eq!(inspect(&out).src, POD);
 }
 
 #[test]
-fn snat_ports_in_use_are_skipped_and_exhaustion_is_a_counted_drop() {
+fn snat_ports_in_use_are_skipped_closed_ones_reused_and_exhaustion_is_a_counted_drop() {
     let mut bed = Bed::new();
     let now = now_ns();
     // Three of the four ports are held by live connections to the same backend.
-    for port in SNAT_PORTS.0..SNAT_PORTS.1 {
-        bed.occupy(REMOTE_BACKEND, port, now);
-    }
+    let mut held: Vec<CtKey> =
+        (SNAT_PORTS.0..SNAT_PORTS.1).map(|p| bed.occupy(REMOTE_BACKEND, p, CT_STATE_ESTABLISHED, now)).collect();
     let node_port = SocketAddrV4::new(NODE_IP, NODE_PORT);
-    let mut collisions = 0;
     let before = bed.tdp.dp.read_stats().unwrap()[STAT_SNAT_COLLISION as usize];
     let out = bed.run(PROG_FROM_NETDEV, &packets::tcp(EXTERNAL, node_port, true, false, &[]));
     assert_eq!(out.0, TC_ACT_OK);
     assert_eq!(inspect(&out.1).src, SocketAddrV4::new(NODE_IP, SNAT_PORTS.1), "the one free port");
-    collisions += bed.tdp.dp.read_stats().unwrap()[STAT_SNAT_COLLISION as usize] - before;
+    let collisions = bed.tdp.dp.read_stats().unwrap()[STAT_SNAT_COLLISION as usize] - before;
     assert!(collisions <= 3, "at most the three taken ports collide ({collisions})");
+    held.push(ct_key(EXTERNAL, node_port));
 
-    // Now all four are taken: a new client is dropped, counted, after trying every port.
+    // Now all four are live: a new client is dropped, counted, after trying every port.
     let other = SocketAddrV4::new(*EXTERNAL.ip(), 50_001);
     bed.expect(
         PROG_FROM_NETDEV,
@@ -364,18 +330,37 @@ fn snat_ports_in_use_are_skipped_and_exhaustion_is_a_counted_drop() {
         &[(STAT_SNAT_COLLISION, u64::from(proxy_common::SNAT_RETRIES)), (STAT_DROP_SNAT_EXHAUSTED, 1)],
     );
 
-    // Ports of expired connections are free again: make the entries old (past the 24h TCP lifetime
-    // is not needed — a closing entry lives 60 s).
-    for port in SNAT_PORTS.0..=SNAT_PORTS.1 {
-        let key = ct_key(REMOTE_BACKEND, SocketAddrV4::new(NODE_IP, port), CT_DIR_REPLY);
-        let mut e = bed.tdp.conntrack.get(&key, 0).unwrap();
-        e.state = proxy_common::CT_STATE_CLOSING;
-        e.last_seen_ns = now.saturating_sub(61_000_000_000);
-        bed.tdp.conntrack.insert(&key, &e, 0).unwrap();
+    // Connections that are over (TIME_WAIT) still hold their ports, but a new connection with no
+    // other port left takes the longest idle one over, as netfilter reuses TIME_WAIT tuples.
+    for (i, orig) in held.iter().enumerate() {
+        let mut e = bed.tdp.conntrack.get(orig).unwrap();
+        e.state = CT_STATE_TIME_WAIT;
+        e.last_seen_ns = now - 1_000_000_000 * (i as u64 + 1);
+        bed.tdp.conntrack.insert(orig, &e).unwrap();
     }
-    assert!(now > 61_000_000_000, "needs an uptime over 61 s to fake old entries");
-    let out = bed.run(PROG_FROM_NETDEV, &packets::tcp(other, node_port, true, false, &[]));
-    assert_eq!(out.0, TC_ACT_OK, "an expired port is reused");
+    let out = bed.expect(
+        PROG_FROM_NETDEV,
+        &packets::tcp(other, node_port, true, false, &[]),
+        TC_ACT_OK,
+        &[(STAT_FORWARD_DNAT, 1), (STAT_CT_NEW, 1), (STAT_SNAT, 1), (STAT_SNAT_REUSE_CLOSED, 1)],
+    );
+    let oldest = bed.tdp.conntrack.get(held.last().unwrap());
+    assert!(oldest.is_none(), "the longest idle closed connection was replaced");
+    assert_eq!(inspect(&out).src.port(), SNAT_PORTS.1, "its port, held by the last of them, is reused");
+
+    // Dead connections (past their lifetime: a reset one lives 10 s) hold nothing at all.
+    assert!(now > 11_000_000_000, "needs an uptime over 11 s to fake old entries");
+    for orig in &held[..3] {
+        let mut e = bed.tdp.conntrack.get(orig).unwrap();
+        e.state = CT_STATE_CLOSE;
+        e.last_seen_ns = now - 11_000_000_000;
+        bed.tdp.conntrack.insert(orig, &e).unwrap();
+    }
+    let third = SocketAddrV4::new(*EXTERNAL.ip(), 50_002);
+    let (ret, out) = bed.run(PROG_FROM_NETDEV, &packets::tcp(third, node_port, true, false, &[]));
+    assert_eq!(ret, TC_ACT_OK);
+    assert!((SNAT_PORTS.0..SNAT_PORTS.1).contains(&inspect(&out).src.port()), "a dead connection's port");
+    assert!(held[..3].iter().filter(|o| bed.tdp.conntrack.get(o).is_none()).count() >= 1, "dead ones removed");
 }
 
 #[test]

@@ -214,7 +214,7 @@ impl PacketBed {
             ..Default::default()
         };
         let (desired, _) = translate::translate(&model, &NodeContext::new(&args, &model), &mut Ids::default());
-        let mut dp = Datapath::load(MapMode::Private)?;
+        let mut dp = Datapath::load(MapMode::PRIVATE)?;
         dp.load_baseline()?;
         let mut tables = dp.tables()?;
         Reconciler::new(&tables)?.sync(&desired, &mut tables)?;
