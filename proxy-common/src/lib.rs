@@ -74,6 +74,7 @@ pod!(
     lb::Affinity,
     node::NodeConfig,
     node::NodeAddr,
+    node::RejectBudget,
     conntrack::CtKey,
     conntrack::CtEntry,
     conntrack::CtRecentCursor,

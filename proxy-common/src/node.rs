@@ -52,3 +52,19 @@ pub const DEFAULT_SNAT_PORT_MAX: u16 = 65_535;
 pub const SNAT_RETRIES: u32 = 32;
 
 pub const MAX_NODE_ADDRS: u32 = 256;
+
+/// Value of `REJECT_BUDGET`: a token bucket for the node's REJECT answers (TCP RST, ICMP port
+/// unreachable), kept in nanoseconds of credit. The kernel rate-limits the ICMP errors it sends
+/// (`icmp_msgs_per_sec`, `icmp_msgs_burst`); answers built by the datapath bypass that, and unbounded
+/// they would make a node a reflector.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RejectBudget {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+assert_size!(RejectBudget, 16);
+
+/// Answers per second and burst: the kernel's defaults for its own ICMP errors.
+pub const REJECT_PER_SEC: u64 = 1_000;
+pub const REJECT_BURST: u64 = 50;

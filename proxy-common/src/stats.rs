@@ -102,6 +102,9 @@ counters! {
     STAT_DROP_SNAT_EXHAUSTED = 42 => "drop_snat_exhausted";
     /// Drop: the node configuration is not written yet (no masquerade address).
     STAT_DROP_NOT_CONFIGURED = 43 => "drop_not_configured";
+    /// Drop: a REJECT answer over the node's budget (`REJECT_PER_SEC`, burst `REJECT_BURST`): the packet
+    /// is dropped unanswered, as the kernel rate-limits its own ICMP errors.
+    STAT_DROP_REJECT_RATE_LIMITED = 44 => "drop_reject_rate_limited";
 }
 
 /// Whether a counter records a drop.

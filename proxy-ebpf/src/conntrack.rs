@@ -53,12 +53,6 @@ impl Conn {
     }
 }
 
-/// The connection `orig`, as it is (nothing accounted).
-#[inline(always)]
-pub fn find(orig: &CtKey) -> Option<Conn> {
-    CONNTRACK.get_ptr_mut(orig).map(|entry| Conn { orig: *orig, entry })
-}
-
 /// Accounts a packet in direction `dir` to a connection: state, flags, last activity.
 #[inline(always)]
 fn account(entry: &mut CtEntry, pkt: &Packet, dir: u8, now: u64) {

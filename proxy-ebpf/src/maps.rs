@@ -9,8 +9,8 @@ use aya_ebpf::{
 use proxy_common::{
     Affinity, AffinityKey, Backend, BackendSlotKey, CT_RECENT_SLOTS, CtEntry, CtKey, CtRecentCursor, CtReply, Frontend,
     FrontendKey, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_NODE_ADDRS,
-    MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, MAX_SOURCE_RANGES, NodeAddr, NodeConfig, RevNat, STAT_MAX, ServiceAddr,
-    SockFlow, SockFlowKey, SockRevNatKey, SourceRangeKey,
+    MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, MAX_SOURCE_RANGES, NodeAddr, NodeConfig, RejectBudget, RevNat, STAT_MAX,
+    ServiceAddr, SockFlow, SockFlowKey, SockRevNatKey, SourceRangeKey,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -66,3 +66,7 @@ pub static SOCK_FLOWS: LruHashMap<SockFlowKey, SockFlow, { MAX_SOCK_ENTRIES as u
 
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { STAT_MAX as usize }> = PerCpuArray::new();
+
+/// The node's budget of REJECT answers.
+#[btf_map]
+pub static REJECT_BUDGET: Array<RejectBudget, 1> = Array::new();

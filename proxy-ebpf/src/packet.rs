@@ -1,7 +1,7 @@
 //! Parsing of the headers the datapath looks at. Reads go through bpf_skb_load_bytes so non-linear
 //! skbs and odd lengths are handled by the kernel, never by pointer arithmetic the verifier must trust.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 use proxy_common::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP, STAT_DROP_MALFORMED_IPV4, STAT_DROP_MALFORMED_L4, STAT_PASS_FRAGMENT,
     STAT_PASS_MALFORMED_L4,
@@ -51,6 +51,9 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
+    /// Offset of the end of the IP packet: the frame may be longer (a NIC pads short frames to 60
+    /// bytes), and nothing after this is part of the packet.
+    pub l4_end: usize,
 }
 
 impl Packet {
@@ -63,6 +66,13 @@ impl Packet {
             _ => None,
         }
     }
+}
+
+/// The skb's GSO segment size (0 when it is not a GSO packet).
+#[inline(always)]
+fn gso_size(ctx: &TcContext) -> u32 {
+    // SAFETY: the program's context is a valid __sk_buff.
+    unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size }
 }
 
 #[inline(always)]
@@ -87,7 +97,12 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
     }
     let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| STAT_DROP_MALFORMED_IPV4)?;
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
-    let tot_len = u16::from_be(ip.tot_len) as usize;
+    let mut tot_len = u16::from_be(ip.tot_len) as usize;
+    if tot_len == 0 && ip.proto == PROTO_TCP && gso_size(ctx) != 0 {
+        // IPv4 BIG TCP: a GSO packet over 64 KiB carries no total length; the skb's is the packet's
+        // (the kernel's iph_totlen()).
+        tot_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+    }
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || tot_len < ihl || (ctx.len() as usize) < ETH_HLEN + tot_len {
         return Err(STAT_DROP_MALFORMED_IPV4);
     }
@@ -134,5 +149,6 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
         proto: ip.proto,
         tcp_flags,
         l4_off,
+        l4_end: ETH_HLEN + tot_len,
     }))
 }

@@ -5,14 +5,18 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{__sk_buff, TC_ACT_REDIRECT},
-    helpers::{bpf_csum_diff, bpf_redirect},
+    helpers::{bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect},
     programs::TcContext,
 };
-use proxy_common::{PROTO_TCP, STAT_DROP_NO_ENDPOINTS, STAT_REJECT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use proxy_common::{
+    PROTO_TCP, REJECT_BURST, REJECT_PER_SEC, STAT_DROP_NO_ENDPOINTS, STAT_DROP_REJECT_RATE_LIMITED, STAT_REJECT,
+    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
 
 use crate::{
+    maps::REJECT_BUDGET,
     packet::{ETH_HLEN, Ipv4Hdr, Packet},
-    stats,
+    stats, verdict,
 };
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -109,8 +113,7 @@ fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
     let seq: u32 = u32::from_be(ctx.load(pkt.l4_off + 4)?);
     let ack: u32 = u32::from_be(ctx.load(pkt.l4_off + 8)?);
     let doff = ((ctx.load::<u8>(pkt.l4_off + 12)? >> 4) as usize) * 4;
-    let ip_tot: u16 = u16::from_be(ctx.load(ETH_HLEN + 2)?);
-    let data_len = (ip_tot as usize).saturating_sub(pkt.l4_off - ETH_HLEN + doff) as u32;
+    let data_len = pkt.l4_end.saturating_sub(pkt.l4_off + doff) as u32;
     let mut tcp = TcpHdr { sport: pkt.dport, dport: pkt.sport, doff: 5 << 4, ..Default::default() };
     if pkt.tcp_flags & TCP_ACK != 0 {
         tcp.seq = ack.to_be();
@@ -159,10 +162,7 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
 /// dropped under `drop_no_endpoints`.
 #[inline(always)]
 pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
-    match epx_reject(ctx.as_ptr().cast(), pkt) {
-        action if action >= 0 => Ok(action),
-        reason => Err(-reason as u32),
-    }
+    verdict::decode(epx_reject(ctx.as_ptr().cast(), pkt))
 }
 
 /// [`reject_in_place`] as a global BPF function (verified once, on its own: the answer's headers
@@ -175,14 +175,33 @@ pub extern "C" fn epx_reject(skb: *mut __sk_buff, pkt: *const Packet) -> i32 {
     };
     let ctx = TcContext::new(skb);
     // SAFETY: checked non-null; the caller's own stack value.
-    match reject_in_place(&ctx, unsafe { &*pkt }) {
-        Ok(action) => action,
-        Err(reason) => -(reason as i32),
+    verdict::encode(reject_in_place(&ctx, unsafe { &*pkt }))
+}
+
+/// Takes one answer from the node's budget; `false` when it is spent. Updated without atomics: CPUs
+/// racing may let a few more through than the rate, never unboundedly many.
+#[inline(always)]
+fn within_budget() -> bool {
+    let Some(budget) = REJECT_BUDGET.get_ptr_mut(0) else { return false };
+    // SAFETY: the array's one value, valid for the program run.
+    let budget = unsafe { &mut *budget };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let cost = 1_000_000_000 / REJECT_PER_SEC;
+    let credit = budget.credit_ns.saturating_add(now.saturating_sub(budget.last_ns)).min(REJECT_BURST * cost);
+    budget.last_ns = now;
+    if credit < cost {
+        budget.credit_ns = credit;
+        return false;
     }
+    budget.credit_ns = credit - cost;
+    true
 }
 
 #[inline(always)]
 fn reject_in_place(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
+    if !within_budget() {
+        return Err(STAT_DROP_REJECT_RATE_LIMITED);
+    }
     let built = if pkt.proto == PROTO_TCP {
         if pkt.tcp_flags & TCP_RST != 0 {
             return Err(STAT_DROP_NO_ENDPOINTS);

@@ -53,7 +53,9 @@ fn step(crc: u32, byte: u8) -> u32 {
 /// Recomputes the checksum of the SCTP packet in `pkt` (after its ports were rewritten).
 #[inline(never)]
 pub fn update_checksum(ctx: &TcContext, pkt: &Packet) -> Result<(), u32> {
-    let len = (ctx.len() as usize).saturating_sub(pkt.l4_off);
+    // The SCTP packet ends where the IP packet does: a short one (COOKIE_ACK, SHUTDOWN, ABORT) may
+    // arrive in a frame padded to 60 bytes, and the padding is not covered by the checksum.
+    let len = pkt.l4_end.saturating_sub(pkt.l4_off);
     // SCTP packets are padded to 4 bytes (RFC 9260 3.2).
     if !len.is_multiple_of(4) || len > MAX_SCTP_LEN {
         return Err(STAT_DROP_REWRITE);

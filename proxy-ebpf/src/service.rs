@@ -4,11 +4,17 @@
 //! come back through this node otherwise); Service traffic that cannot be served is rejected or
 //! dropped. Everything else passes untouched.
 
-use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use core::ptr::NonNull;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{__sk_buff, TC_ACT_OK},
+    programs::TcContext,
+};
 use proxy_common::{
     BACKEND_F_LOCAL, CT_F_SNAT, CtEntry, CtKey, FRONTEND_F_CLUSTER_IP, FRONTEND_F_HAS_ENDPOINTS,
     FRONTEND_F_SOURCE_RANGES, Frontend, NODE_F_MASQUERADE_ALL, NodeConfig, SERVICE_ADDR_F_CLUSTER_IP, STAT_CT_NEW,
-    STAT_DROP_CT_FULL, STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_NOT_CONFIGURED, STAT_DROP_REWRITE,
+    STAT_DROP_CT_FULL, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_NOT_CONFIGURED, STAT_DROP_REWRITE,
     STAT_DROP_SOURCE_RANGE, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_REVERSE_NAT, STAT_SNAT,
     STAT_SOURCE_PORT_REMAP, ct_initial, ct_reply_key,
 };
@@ -20,7 +26,7 @@ use crate::{
     nat::{self, End},
     node,
     packet::{self, Packet},
-    reject, snat, stats,
+    reject, snat, stats, verdict,
 };
 
 /// Where the program is attached.
@@ -38,10 +44,55 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
     let Some(pkt) = packet::parse(ctx)? else {
         return Ok(TC_ACT_OK);
     };
-    let now = conntrack::now_ns();
-    if let Some(conn) = conntrack::lookup_reply(&pkt, now) {
-        return reverse(ctx, &pkt, &conn);
+    // Each step is a global BPF function: verified once, on its own, with its own stack frame, so
+    // the paths of one do not multiply the paths of the next.
+    let skb = ctx.as_ptr().cast();
+    let reply = epx_reply(skb, &pkt);
+    if reply != verdict::NEXT {
+        return verdict::decode(reply);
     }
+    let outcome = epx_service(skb, &pkt);
+    if outcome != verdict::NEW_CONNECTION {
+        return verdict::decode(outcome);
+    }
+    // Created from here rather than from within epx_service, so the two frames are not stacked;
+    // then the packet goes the way of every packet of its connection.
+    let fe = lb::frontend(pkt.daddr, pkt.dport, pkt.proto).ok_or(STAT_DROP_NO_BACKEND)?;
+    match epx_new_connection(&pkt, &fe, side as u32, conntrack::now_ns()) {
+        0 => match epx_service(skb, &pkt) {
+            verdict::NEW_CONNECTION => Err(STAT_DROP_CT_FULL),
+            outcome => verdict::decode(outcome),
+        },
+        reason => Err(reason as u32),
+    }
+}
+
+/// A reply of a tracked connection, reverse-translated; [`verdict::NEXT`] when the packet is none.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_reply(skb: *mut __sk_buff, pkt: *const Packet) -> i32 {
+    let (Some(skb), false) = (NonNull::new(skb), pkt.is_null()) else { return verdict::NEXT };
+    let (ctx, pkt) = (TcContext::new(skb), unsafe { &*pkt });
+    match conntrack::lookup_reply(pkt, conntrack::now_ns()) {
+        Some(conn) => verdict::encode(reverse(&ctx, pkt, &conn)),
+        None => verdict::NEXT,
+    }
+}
+
+/// A packet that is not a reply: of a tracked connection to a Service frontend (translated), opening
+/// one ([`verdict::NEW_CONNECTION`]), or rejected; to a Service address without that port; or not
+/// Service traffic.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_service(skb: *mut __sk_buff, pkt: *const Packet) -> i32 {
+    let (Some(skb), false) = (NonNull::new(skb), pkt.is_null()) else { return verdict::NEXT };
+    verdict::encode(to_service(&TcContext::new(skb), unsafe { &*pkt }))
+}
+
+#[inline(always)]
+fn to_service(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
+    let pkt = *pkt;
+    let now = conntrack::now_ns();
     let Some(fe) = lb::frontend(pkt.daddr, pkt.dport, pkt.proto) else {
         return not_a_frontend(ctx, &pkt);
     };
@@ -55,10 +106,7 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
             if fe.flags & FRONTEND_F_HAS_ENDPOINTS == 0 {
                 return reject::reject(ctx, &pkt);
             }
-            match epx_new_connection(&pkt, &fe, side as u32, now) {
-                0 => conntrack::find(&conntrack::tuple(&pkt)).ok_or(STAT_DROP_CT_FULL)?,
-                reason => return Err(reason as u32),
-            }
+            return Err(-verdict::NEW_CONNECTION as u32);
         }
     };
     forward(ctx, &pkt, conn.entry())

@@ -9,19 +9,19 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use aya::programs::{TestRun as _, TestRunOptions};
 use clap::{Args, ValueEnum};
 use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
 use proxy_common::{
-    Affinity, AffinityKey, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FrontendKey, STAT_SNAT, addr_to_map,
-    port_to_map, stat_is_drop, stat_name,
+    Affinity, AffinityKey, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FrontendKey, REJECT_BURST, REJECT_PER_SEC,
+    RejectBudget, STAT_SNAT, addr_to_map, port_to_map, stat_is_drop, stat_name,
 };
 use serde::Serialize;
 
 use crate::{
     config::{NodeArgs, Origin},
-    conntrack::ConntrackMaps,
+    conntrack::{ConntrackMaps, monotonic_ns},
     datapath::{Datapath, MapMode, PRIVATE_CONNTRACK_MAX, PROG_FROM_NETDEV, PROG_FROM_POD},
     model::{self, Model, ModelOptions, Protocol},
     objects,
@@ -209,6 +209,7 @@ pub struct TraceDatapath {
     pub desired: DesiredMaps,
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
     pub conntrack: ConntrackMaps,
+    reject_budget: Array<MapData, RejectBudget>,
 }
 
 impl TraceDatapath {
@@ -238,7 +239,8 @@ impl TraceDatapath {
         Reconciler::new(&tables)?.sync(&desired, &mut tables)?;
         let affinity = HashMap::try_from(dp.take_map("AFFINITY")?)?;
         let conntrack = dp.conntrack()?;
-        Ok(Self { dp, model, node, desired, affinity, conntrack })
+        let reject_budget = Array::try_from(dp.take_map("REJECT_BUDGET")?)?;
+        Ok(Self { dp, model, node, desired, affinity, conntrack, reject_budget })
     }
 
     /// Forgets every client's affinity, so each run chooses afresh.
@@ -247,6 +249,14 @@ impl TraceDatapath {
         for k in keys {
             let _ = self.affinity.remove(&k);
         }
+        Ok(())
+    }
+
+    /// A full budget of REJECT answers: a trace runs a packet many times, and each run must be
+    /// answered as the first would be.
+    fn refill_reject_budget(&mut self) -> Result<()> {
+        let full = RejectBudget { credit_ns: REJECT_BURST * 1_000_000_000 / REJECT_PER_SEC, last_ns: monotonic_ns() };
+        self.reject_budget.set(0, &full, 0)?;
         Ok(())
     }
 
@@ -320,6 +330,7 @@ impl TraceDatapath {
         for i in 0..runs {
             let sport = FIRST_SPORT.wrapping_add(i as u16);
             let packet = build_packet(args.proto, args.src, sport, args.dst)?;
+            self.refill_reject_budget()?;
             let o = self.run_once(program, &packet)?;
             self.clear_affinity()?;
             if let Some(dst) = o.dst {

@@ -76,7 +76,7 @@ fn the_conntrack_size_is_kube_proxys_and_its_default_timeouts_are_accepted() {
     let (cfg, notes) = kpc::parse(&KUBEADM.replace("  maxPerCore: null", "  maxPerCore: 100000")).unwrap();
     assert_eq!((cfg.conntrack_max(2), cfg.conntrack_max(1)), (Some(200_000), Some(131_072)));
     assert!(notes.is_empty(), "{notes:?}");
-    let (cfg, _) = kpc::parse(&KUBEADM).unwrap();
+    let (cfg, _) = kpc::parse(KUBEADM).unwrap();
     assert_eq!(cfg.conntrack_max(8), None, "nulls: the default size");
     // The datapath's own lifetimes, spelled as kube-proxy does, are nothing to report.
     let text = KUBEADM

@@ -63,3 +63,81 @@ pub fn request(to: SocketAddrV4) -> std::io::Result<String> {
     }
     Ok(answered_by(&body).map(str::to_owned).unwrap_or_default())
 }
+
+/// Opens a TCP connection (the handshake completes) and aborts it at once with a RST, as a browser,
+/// a health check or a scanner does: SO_LINGER with a zero timeout, then close.
+pub fn connect_and_reset(to: SocketAddrV4) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))?;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket and a linger struct of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends TCP SYNs with any source address (a raw socket: nothing of the calling namespace's own TCP
+/// stack is involved), `from(i)` → `to` for i in `0..count`, at most `per_second` a second. The
+/// caller's thread must be inside the namespace to send from.
+pub fn send_syns(
+    from: impl Fn(u32) -> SocketAddrV4,
+    to: SocketAddrV4,
+    count: u32,
+    per_second: u32,
+) -> std::io::Result<()> {
+    // SAFETY: plain socket creation; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let dst = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) },
+        sin_zero: [0; 8],
+    };
+    let started = std::time::Instant::now();
+    let mut result = Ok(());
+    for i in 0..count {
+        let src = from(i);
+        let mut packet = Vec::with_capacity(40);
+        etherparse::PacketBuilder::ipv4(src.ip().octets(), to.ip().octets(), 64)
+            .tcp(src.port(), to.port(), 0x1000_0000 ^ i, 64_240)
+            .syn()
+            .write(&mut packet, &[])
+            .expect("a SYN");
+        // SAFETY: a valid buffer and address of the sizes passed.
+        let rc = unsafe {
+            libc::sendto(
+                fd,
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&raw const dst).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            result = Err(std::io::Error::last_os_error());
+            break;
+        }
+        // Bounded rate: ahead of schedule, wait.
+        let due = Duration::from_secs_f64(f64::from(i + 1) / f64::from(per_second));
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    // SAFETY: the descriptor opened above.
+    unsafe { libc::close(fd) };
+    result
+}

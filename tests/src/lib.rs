@@ -3,6 +3,7 @@
 pub mod apiserver;
 pub mod client;
 pub mod cluster;
+pub mod k8s;
 pub mod packets;
 pub mod progbed;
 pub mod testbed;

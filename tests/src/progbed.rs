@@ -57,6 +57,23 @@ impl ProgBed {
         (r.return_value, out)
     }
 
+    /// As [`Self::run`], with the skb's context set from `skb` (arrival interface, GSO fields).
+    pub fn run_with(&self, prog: &str, frame: &[u8], skb: &SkbContext) -> (u32, Vec<u8>) {
+        let prog = self.tdp.dp.classifier(prog).unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let ctx = skb.bytes();
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .expect("test_run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
     pub fn stats(&self) -> Vec<u64> {
         self.tdp.dp.read_stats().unwrap()
     }
@@ -107,5 +124,25 @@ impl SpinBarrier {
             assert!(std::time::Instant::now() < deadline, "the other thread never arrived");
             std::hint::spin_loop();
         }
+    }
+}
+
+/// The fields of `struct __sk_buff` BPF_PROG_TEST_RUN lets a test set (every other must be zero).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SkbContext {
+    /// The interface the packet arrives on (0: loopback).
+    pub ifindex: u32,
+    pub gso_segs: u32,
+    pub gso_size: u32,
+}
+
+impl SkbContext {
+    /// `struct __sk_buff` (192 bytes) with these fields at their offsets in the UAPI.
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = vec![0u8; 192];
+        b[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+        b[164..168].copy_from_slice(&self.gso_segs.to_ne_bytes());
+        b[176..180].copy_from_slice(&self.gso_size.to_ne_bytes());
+        b
     }
 }

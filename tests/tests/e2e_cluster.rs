@@ -15,47 +15,10 @@ use proxy_common::{STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_SOURCE_RANGE, STAT_SN
 use tests::{
     client::{connect_in, in_netns, keepalive_request, request},
     cluster::{Cluster, EXT_CLIENT, EXT_CLIENT_2, StopFlag, node_ip, node_name, secondary_ip},
+    k8s::{Ep, ready, service, terminating},
     proxy_binary,
     testbed::{LbMode, Proc, answered_by, client_seen, run, served_by},
 };
-
-/// One endpoint in an EndpointSlice: address, node, and conditions (ready, serving, terminating).
-struct Ep {
-    addr: Ipv4Addr,
-    node: String,
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-}
-
-fn ready(addr: Ipv4Addr, node: &str) -> Ep {
-    Ep { addr, node: node.into(), ready: true, serving: true, terminating: false }
-}
-
-fn terminating(addr: Ipv4Addr, node: &str) -> Ep {
-    Ep { addr, node: node.into(), ready: false, serving: true, terminating: true }
-}
-
-/// A Service (`spec` lines under `spec:`, one port named `p`) with its EndpointSlice.
-fn service(name: &str, spec: &str, status: &str, target_port: u16, protocol: &str, eps: &[Ep]) -> String {
-    let mut s = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n{spec}\n{status}---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
-         addressType: IPv4\nports: [{{name: p, port: {target_port}, protocol: {protocol}}}]\nendpoints:\n"
-    );
-    for e in eps {
-        s.push_str(&format!(
-            "  - {{addresses: [{}], nodeName: {}, conditions: {{ready: {}, serving: {}, terminating: {}}}}}\n",
-            e.addr, e.node, e.ready, e.serving, e.terminating
-        ));
-    }
-    if eps.is_empty() {
-        s.push_str("  []\n");
-    }
-    s.push_str("---\n");
-    s
-}
 
 /// A two-node cluster with `pods` nginx pods per node, proxies running.
 fn cluster(pods: usize, mode: LbMode, objects: &[(&str, String)]) -> Cluster {

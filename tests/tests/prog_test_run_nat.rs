@@ -12,8 +12,9 @@ use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice, icmpv4::Des
 use proxy_common::{
     Affinity, AffinityKey, CT_F_ASSURED, CT_F_SEEN_REPLY, CT_F_SNAT, CT_STATE_CLOSE, CT_STATE_ESTABLISHED,
     CT_STATE_TIME_WAIT, CtEntry, CtKey, PROTO_TCP, STAT_CT_NEW, STAT_CT_REOPEN, STAT_DROP_NO_LOCAL_ENDPOINTS,
-    STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_REJECT, STAT_REVERSE_NAT,
-    STAT_SNAT, STAT_SNAT_COLLISION, STAT_SNAT_REUSE_CLOSED, STAT_SOURCE_PORT_REMAP, addr_to_map, port_to_map,
+    STAT_DROP_REJECT_RATE_LIMITED, STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT,
+    STAT_REJECT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SNAT_COLLISION, STAT_SNAT_REUSE_CLOSED, STAT_SOURCE_PORT_REMAP,
+    addr_to_map, port_to_map,
 };
 use tests::{
     packets::{self, MAC_A, MAC_B, inspect},
@@ -436,4 +437,58 @@ fn sctp_port_rewrite_recomputes_the_crc32c() {
     let mut zeroed = sctp.to_vec();
     zeroed[8..12].fill(0);
     assert_eq!(u32::from_le_bytes(sctp[8..12].try_into().unwrap()), sctp_crc32c(&zeroed), "CRC32c valid");
+}
+
+#[test]
+fn sctp_in_a_frame_padded_to_60_bytes_is_checksummed_over_the_packet_only() {
+    // A COOKIE ACK (common header + one 4-byte chunk): 16 bytes of SCTP, 50 bytes of frame, which an
+    // Ethernet NIC pads to 60. The CRC32c covers the SCTP packet, not the padding.
+    let bed = Bed::new();
+    let vip = sa([10, 96, 0, 50], 53);
+    let mut sctp = Vec::new();
+    sctp.extend_from_slice(&POD.port().to_be_bytes());
+    sctp.extend_from_slice(&53u16.to_be_bytes());
+    sctp.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // verification tag
+    sctp.extend_from_slice(&[0; 4]); // checksum
+    sctp.extend_from_slice(&[11, 0, 0, 4]); // COOKIE ACK
+    let crc = sctp_crc32c(&sctp);
+    sctp[8..12].copy_from_slice(&crc.to_le_bytes());
+    let ip =
+        etherparse::Ipv4Header::new(16, 64, etherparse::IpNumber::SCTP, POD.ip().octets(), vip.ip().octets()).unwrap();
+    let mut frame = Vec::new();
+    etherparse::Ethernet2Header { source: MAC_A, destination: MAC_B, ether_type: etherparse::EtherType::IPV4 }
+        .write(&mut frame)
+        .unwrap();
+    ip.write(&mut frame).unwrap();
+    frame.extend_from_slice(&sctp);
+    frame.resize(60, 0);
+    let out = bed.expect(PROG_FROM_POD, &frame, TC_ACT_OK, &[(STAT_FORWARD_DNAT, 1), (STAT_CT_NEW, 1)]);
+    assert_eq!(out.len(), 60, "the padding stays");
+    let sctp = &out[34..50];
+    assert_eq!(u16::from_be_bytes([sctp[2], sctp[3]]), 5353, "destination port rewritten");
+    let mut zeroed = sctp.to_vec();
+    zeroed[8..12].fill(0);
+    assert_eq!(u32::from_le_bytes(sctp[8..12].try_into().unwrap()), sctp_crc32c(&zeroed), "CRC32c valid");
+}
+
+#[test]
+fn reject_answers_are_rate_limited_per_node() {
+    let bed = Bed::new();
+    let vip = sa([10, 96, 0, 20], 80);
+    let started = std::time::Instant::now();
+    let answered = (0..300u16)
+        .filter(|i| {
+            let syn = packets::tcp(SocketAddrV4::new(*POD.ip(), 20_000 + i), vip, true, false, &[]);
+            bed.run(PROG_FROM_POD, &syn).0 == TC_ACT_REDIRECT
+        })
+        .count() as u64;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    // A burst of 50, then one per millisecond (the kernel's icmp_msgs_burst and icmp_msgs_per_sec).
+    assert!(answered >= 50 && answered <= 50 + elapsed_ms + 1, "{answered} answers in {elapsed_ms} ms");
+    let dropped = bed.stats()[STAT_DROP_REJECT_RATE_LIMITED as usize];
+    assert_eq!(answered + dropped, 300);
+    // The budget refills: 60 ms later a burst is answered again.
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    let syn = packets::tcp(SocketAddrV4::new(*POD.ip(), 30_000), vip, true, false, &[]);
+    bed.expect(PROG_FROM_POD, &syn, TC_ACT_REDIRECT, &[(STAT_REJECT, 1)]);
 }

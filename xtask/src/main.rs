@@ -43,8 +43,8 @@ enum Task {
         /// A short subset (smaller sizes, fewer samples).
         #[arg(long)]
         quick: bool,
-        /// One part only: control-plane, packet-cost or contenders (BENCHMARKS.md's other sections and
-        /// the targets stay as they were).
+        /// One part only: control-plane, packet-cost, contenders or masquerade (BENCHMARKS.md's other
+        /// sections and the targets stay as they were).
         #[arg(long)]
         only: Option<String>,
     },

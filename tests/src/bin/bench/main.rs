@@ -28,6 +28,7 @@ use serde_json::Value;
 mod contenders;
 mod kube_proxy;
 mod load;
+mod masquerade;
 mod plot;
 mod table;
 
@@ -324,7 +325,8 @@ fn main() -> Result<()> {
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let binary = PathBuf::from(value("--proxy").context("--proxy PATH (the release ebpf-proxy)")?);
     let out = PathBuf::from(value("--out").unwrap_or_else(|| "BENCHMARKS.md".into()));
-    // `--only control-plane|packet-cost|contenders` runs one part (and leaves the targets alone).
+    // `--only control-plane|packet-cost|contenders|masquerade` runs one part (and leaves the targets
+    // alone).
     let only = value("--only");
     let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
     let started = Instant::now();
@@ -341,6 +343,11 @@ fn main() -> Result<()> {
     if wants("packet-cost") {
         targets.packet_growth = Some(packet_cost_section(&out, quick)?);
     }
+    if wants("masquerade") {
+        let runs = masquerade::run_all(&binary, quick)?;
+        write_section(&out, "masquerade", &masquerade::section(&runs, &machine(), quick)?)?;
+        targets.masquerade = Some(runs);
+    }
     if only.is_none() {
         write_section(&out, "targets", &targets.section(started.elapsed(), quick)?)?;
     }
@@ -354,6 +361,7 @@ struct Targets {
     contenders: Option<Vec<contenders::SizeResult>>,
     /// The per-packet cost's growth from the smallest to the largest table (a ratio, 1.0 = flat).
     packet_growth: Option<(usize, usize, f64)>,
+    masquerade: Option<Vec<masquerade::Run>>,
 }
 
 impl Targets {
@@ -449,6 +457,22 @@ impl Targets {
                 yes(s < Duration::from_secs(1))
             )?,
             None => writeln!(b, "| 10,000 × 10 programmed in under 1 s | not measured in this run | — |")?,
+        }
+        let masq = self.masquerade.as_deref().unwrap_or_default();
+        match (masq.iter().find(|r| r.counters.is_some()), masq.iter().find(|r| r.name.starts_with("netfilter"))) {
+            (Some(o), Some(n)) => writeln!(
+                b,
+                "| ≥ 1,000 new masqueraded connections/s to one backend for 2 min, 0 failed, ahead of netfilter | \
+                 {:.0}/s, {} failed; netfilter {:.0}/s, {} failed | {} |",
+                o.per_second,
+                o.failed,
+                n.per_second,
+                n.failed,
+                yes(o.per_second >= 1_000.0 && o.failed == 0 && o.per_second > n.per_second && !quick)
+            )?,
+            _ => {
+                writeln!(b, "| ≥ 1,000 new masqueraded connections/s to one backend | not measured in this run | — |")?
+            }
         }
         writeln!(
             b,
