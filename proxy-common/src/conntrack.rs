@@ -52,10 +52,20 @@ pub struct CtReply {
     pub orig: CtKey,
     /// When the tuple was claimed. The connection is written just after its reply tuple: a tuple
     /// whose connection is missing is one being created, not a leftover, until it is
-    /// `CT_CLAIM_GRACE_NS` old.
+    /// `CT_CLAIM_GRACE_NS` old. For a retired tuple: when its connection was last active.
     pub claimed_ns: u64,
+    /// With `CT_REPLY_F_RETIRED`: how the connection ended (what its backend, still holding the
+    /// tuple in TIME_WAIT, will judge a new SYN by).
+    pub end: CtClosedEnd,
+    pub flags: u16,
+    pub _pad: u16,
 }
-assert_size!(CtReply, 24);
+assert_size!(CtReply, 40);
+
+/// The tuple's connection is gone (its original tuple was reused by a new connection), but its
+/// backend closed first and may hold the tuple in TIME_WAIT for a while: the tuple is kept, as
+/// closed, until `BACKEND_TIME_WAIT_NS` after its last packet.
+pub const CT_REPLY_F_RETIRED: u16 = 1 << 0;
 
 /// How long a claimed reply tuple waits for its connection before it counts as a leftover.
 pub const CT_CLAIM_GRACE_NS: u64 = SEC;
@@ -95,8 +105,13 @@ pub struct CtEntry {
     pub tcp_flags_reply: u8,
     pub _pad1: u8,
     pub _pad2: u16,
+    /// TCP, once the connection is closing: where the client's sequence space ended (after its FIN)
+    /// and the last timestamp it sent (0: none). A backend still holding the connection in TIME_WAIT
+    /// judges a new SYN on the same tuple by these.
+    pub orig_end_seq: u32,
+    pub orig_tsval: u32,
 }
-assert_size!(CtEntry, 48);
+assert_size!(CtEntry, 56);
 
 /// The connection's source is translated too (masquerade, hairpin, a remapped client port).
 pub const CT_F_SNAT: u16 = 1 << 0;
@@ -111,6 +126,9 @@ pub const CT_F_FIN_ORIG: u16 = 1 << 3;
 pub const CT_F_FIN_REPLY: u16 = 1 << 4;
 /// TCP: the reply side was the first to send a FIN (the other side's ACK of the last FIN ends it).
 pub const CT_F_REPLY_CLOSED_FIRST: u16 = 1 << 5;
+/// TCP: the backend sent its FIN before it had the client's — it closed first, or both closed at
+/// once — so it holds the tuple in TIME_WAIT for a minute after the connection ends.
+pub const CT_F_BACKEND_TIME_WAIT: u16 = 1 << 6;
 
 /// TCP states (as nf_conntrack_proto_tcp names them). UDP and other protocols use
 /// `CT_STATE_UNREPLIED` and `CT_STATE_REPLIED`.
@@ -294,6 +312,53 @@ pub const fn ct_superseded_by_reply(entry: &CtEntry, tcp_flags: u8) -> bool {
         && !matches!(entry.state, CT_STATE_SYN_SENT | CT_STATE_SYN_RECV)
 }
 
+/// Whether a TCP state is one of closing (a FIN seen) or closed.
+#[inline(always)]
+pub const fn ct_closing(state: u8) -> bool {
+    matches!(state, CT_STATE_FIN_WAIT | CT_STATE_CLOSE_WAIT | CT_STATE_LAST_ACK | CT_STATE_TIME_WAIT)
+}
+
+/// How long a backend that closed first is taken to hold the tuple in TIME_WAIT: Linux's
+/// TCP_TIMEWAIT_LEN (60 s), with a margin for the timer's slack and our own timestamps' coarseness.
+pub const BACKEND_TIME_WAIT_NS: u64 = 65 * SEC;
+
+/// How a closed connection ended, as far as a new SYN on its tuple is concerned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtClosedEnd {
+    pub orig_end_seq: u32,
+    pub orig_tsval: u32,
+    /// The connection's `CT_F_*` bits.
+    pub flags: u16,
+    pub _pad: u16,
+}
+assert_size!(CtClosedEnd, 12);
+
+impl CtClosedEnd {
+    #[inline(always)]
+    pub const fn of(e: &CtEntry) -> Self {
+        Self { flags: e.flags, orig_end_seq: e.orig_end_seq, orig_tsval: e.orig_tsval, _pad: 0 }
+    }
+}
+
+/// Whether a backend that may hold the connection that ended as `old` in TIME_WAIT accepts a new
+/// SYN with sequence number `seq` and TSval `tsval` (0: none) on the same tuple, `idle_ns` after its
+/// last packet, as Linux's tcp_timewait_state_process decides: not PAWS-rejected, and a newer
+/// timestamp or a sequence number past the old connection's end. A backend that did not close first
+/// holds no TIME_WAIT.
+#[inline(always)]
+pub const fn ct_backend_accepts_syn(old: CtClosedEnd, seq: u32, tsval: u32, idle_ns: u64) -> bool {
+    if old.flags & CT_F_BACKEND_TIME_WAIT == 0 || idle_ns > BACKEND_TIME_WAIT_NS {
+        return true;
+    }
+    let both_ts = tsval != 0 && old.orig_tsval != 0;
+    // tcp_paws_reject(), with the window of 0 TIME_WAIT uses: any older timestamp.
+    let paws_reject = both_ts && (old.orig_tsval.wrapping_sub(tsval) as i32) > 0;
+    let newer_ts = both_ts && (tsval.wrapping_sub(old.orig_tsval) as i32) > 0;
+    let after_seq = (seq.wrapping_sub(old.orig_end_seq) as i32) > 0;
+    !paws_reject && (newer_ts || after_seq)
+}
+
 /// Whether `tcp_flags` open a new connection (a SYN without ACK).
 #[inline(always)]
 pub const fn tcp_opens(tcp_flags: u8) -> bool {
@@ -460,6 +525,26 @@ mod tests {
         assert_eq!(ct_reply_key(&orig, &e), CtKey::new(3, 1, 30, 10, PROTO_TCP));
         let e = CtEntry { snat_addr: 4, snat_port: 40, flags: CT_F_SNAT, ..e };
         assert_eq!(ct_reply_key(&orig, &e), CtKey::new(3, 4, 30, 40, PROTO_TCP));
+    }
+
+    #[test]
+    fn a_backend_in_time_wait_accepts_a_syn_as_linux_does() {
+        let old = CtClosedEnd { flags: CT_F_BACKEND_TIME_WAIT, orig_end_seq: 1000, orig_tsval: 500, _pad: 0 };
+        // A newer timestamp is enough, whatever the sequence number.
+        assert!(ct_backend_accepts_syn(old, 10, 501, 0));
+        // An older one is PAWS-rejected, whatever the sequence number, even one tick older.
+        assert!(!ct_backend_accepts_syn(old, 5000, 400, 0));
+        assert!(!ct_backend_accepts_syn(old, 5000, 499, 0));
+        // The same timestamp: only a sequence number past the end.
+        assert!(!ct_backend_accepts_syn(old, 999, 500, 0));
+        assert!(ct_backend_accepts_syn(old, 1001, 500, 0));
+        // Without timestamps, the sequence number decides.
+        assert!(ct_backend_accepts_syn(old, 1001, 0, 0));
+        assert!(!ct_backend_accepts_syn(old, 900, 0, 0));
+        // No TIME_WAIT at the backend: it closed after the client, or it has expired.
+        let client_first = CtClosedEnd { flags: 0, ..old };
+        assert!(ct_backend_accepts_syn(client_first, 900, 400, 0));
+        assert!(ct_backend_accepts_syn(old, 900, 400, 66 * SEC));
     }
 
     #[test]

@@ -30,7 +30,8 @@ assert_size!(FrontendKey, 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Frontend {
-    /// Identifies this frontend: key of its slots in `BACKEND_SLOTS` and of its entry in `REV_NAT`.
+    /// Identifies this frontend: key of its slots in `BACKEND_SLOTS` and its backends in
+    /// `BACKEND_MEMBERS`.
     pub service_id: u32,
     /// Number of backends in the cluster-wide set.
     pub backend_count: u16,
@@ -74,6 +75,22 @@ pub struct BackendSlotKey {
 }
 assert_size!(BackendSlotKey, 8);
 
+/// Key of `BACKEND_MEMBERS`: one backend of one frontend. The value (`u32`) says which of the
+/// frontend's sets hold it (`MEMBER_F_*`), so a client's affinity can follow its backend wherever the
+/// backend's slot moves as other endpoints come and go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+assert_size!(MemberKey, 8);
+
+/// The backend is in the frontend's cluster-wide set.
+pub const MEMBER_F_CLUSTER: u32 = 1 << 0;
+/// The backend is in the frontend's local set.
+pub const MEMBER_F_LOCAL: u32 = 1 << 1;
+
 /// Value of `BACKENDS` (the key is the backend id, a `u32`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,7 +108,8 @@ assert_size!(Backend, 8);
 /// The endpoint runs on this node (replies come back through its pod interface).
 pub const BACKEND_F_LOCAL: u8 = 1 << 0;
 
-/// Value of `REV_NAT` (the key is the frontend's `service_id`): the address replies must appear to come from.
+/// An address and port a socket's peer must appear to be (the socket path's reverse NAT,
+/// `SOCK_REV_NAT`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RevNat {
@@ -147,15 +165,15 @@ assert_size!(AffinityKey, 16);
 /// Tag of `AffinityKey::client` values that are network namespace cookies.
 pub const AFFINITY_CLIENT_NETNS: u64 = 1 << 63;
 
-/// Value of `AFFINITY`: the backend a client sticks to. The slot is kept so the datapath can check in
-/// one lookup that the backend is still in the set the packet uses.
+/// Value of `AFFINITY`: the backend a client sticks to, for as long as that backend is in the set the
+/// client's packets use (`BACKEND_MEMBERS`), as kube-proxy keeps affinity while the endpoint exists.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Affinity {
     /// `bpf_ktime_get_ns()` of the last new connection that used it.
     pub last_used_ns: u64,
     pub backend_id: u32,
-    pub slot: u32,
+    pub _pad: u32,
 }
 assert_size!(Affinity, 16);
 
@@ -163,6 +181,7 @@ assert_size!(Affinity, 16);
 /// are created without preallocation so an idle node pays only for what it holds.
 pub const MAX_FRONTENDS: u32 = 131_072;
 pub const MAX_BACKEND_SLOTS: u32 = 1_048_576;
+pub const MAX_BACKEND_MEMBERS: u32 = 1_048_576;
 pub const MAX_BACKENDS: u32 = 524_288;
 pub const MAX_SERVICE_ADDRS: u32 = 131_072;
 pub const MAX_SOURCE_RANGES: u32 = 65_536;

@@ -75,6 +75,9 @@ counters! {
     /// tc: no SNAT port was free or closed, and one was taken from a connection nobody had answered
     /// for `CT_UNANSWERED_TAKEOVER_NS` (an unfinished handshake).
     STAT_SNAT_REUSE_UNANSWERED = 19 => "snat_port_taken_from_unanswered";
+    /// tc: the only SNAT port left was one whose backend still holds it in TIME_WAIT against this
+    /// SYN: the backend answers with an ACK, the client resets and retries (a second's delay).
+    STAT_SNAT_REUSE_BACKEND_TIME_WAIT = 20 => "snat_port_reused_in_backend_time_wait";
 
     /// Drop: IPv4 header truncated or invalid (version, IHL, total length).
     STAT_DROP_MALFORMED_IPV4 = 32 => "drop_malformed_ipv4";

@@ -3,25 +3,29 @@
 //! tuple claimed atomically first), displacing recent unassured ones when the table is full, and
 //! removing dead ones as they are met.
 
+use core::ptr::NonNull;
+
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    EbpfContext as _,
+    bindings::{__sk_buff, BPF_ANY, BPF_NOEXIST},
     cty::c_void,
     helpers::{bpf_ktime_get_ns, bpf_loop},
+    programs::TcContext,
 };
 use proxy_common::{
-    CT_CLAIM_GRACE_NS, CT_DIR_ORIG, CT_DIR_REPLY, CT_EARLY_DROP_TRIES, CT_F_ASSURED, CT_RECENT_SLOTS,
-    CT_UNANSWERED_TAKEOVER_NS, CtEntry, CtKey, CtRecentCursor, CtReply, PROTO_TCP, STAT_CT_EARLY_DROP, STAT_CT_REOPEN,
-    STAT_DROP_CT_FULL, ct_advance, ct_alive, ct_closed, ct_reopens, ct_reply_key, ct_superseded_by_reply,
+    BACKEND_TIME_WAIT_NS, CT_CLAIM_GRACE_NS, CT_DIR_ORIG, CT_DIR_REPLY, CT_EARLY_DROP_TRIES, CT_F_ASSURED,
+    CT_F_BACKEND_TIME_WAIT, CT_F_FIN_ORIG, CT_RECENT_SLOTS, CT_REPLY_F_RETIRED, CT_UNANSWERED_TAKEOVER_NS, CtClosedEnd,
+    CtEntry, CtKey, CtRecentCursor, CtReply, PROTO_TCP, STAT_CT_EARLY_DROP, STAT_CT_REOPEN, STAT_DROP_CT_FULL, TCP_FIN,
+    ct_advance, ct_alive, ct_closed, ct_closing, ct_reopens, ct_reply_key, ct_superseded_by_reply,
 };
 
 use crate::{
     maps::{CONNTRACK, CT_RECENT, CT_RECENT_CURSOR, CT_REPLY},
     packet::Packet,
-    stats,
+    stats, tcp,
 };
 
 const EEXIST: i32 = -17;
-const E2BIG: i32 = -7;
 /// Timestamps are refreshed at most this often: a write per packet to a line every CPU reads would
 /// cost more than the precision is worth.
 const REFRESH_NS: u64 = 100_000_000;
@@ -53,15 +57,22 @@ impl Conn {
     }
 }
 
-/// Accounts a packet in direction `dir` to a connection: state, flags, last activity.
+/// Accounts a packet in direction `dir` to a connection: state, flags, last activity; and for the
+/// client's segments once the connection closes, where its sequence space ends and its timestamp
+/// (what a backend in TIME_WAIT will hold a new SYN on the tuple to).
 #[inline(always)]
-fn account(entry: &mut CtEntry, pkt: &Packet, dir: u8, now: u64) {
+fn account(ctx: &TcContext, entry: &mut CtEntry, pkt: &Packet, dir: u8, now: u64) {
     let (state, flags) = ct_advance(pkt.proto, entry.state, entry.flags, dir, pkt.tcp_flags);
     // SAFETY of the races: other CPUs may account packets of the same connection at the same time;
     // each field is a plain integer and the next packet repeats any lost transition.
     if state != entry.state || flags != entry.flags {
         entry.state = state;
         entry.flags = flags;
+    }
+    if pkt.proto == PROTO_TCP
+        && ((dir == CT_DIR_ORIG && ct_closing(state)) || (dir == CT_DIR_REPLY && pkt.tcp_flags & TCP_FIN != 0))
+    {
+        epx_note_close(ctx.as_ptr().cast(), pkt, entry, u32::from(dir));
     }
     let seen = if dir == CT_DIR_ORIG { &mut entry.tcp_flags_orig } else { &mut entry.tcp_flags_reply };
     if *seen & pkt.tcp_flags != pkt.tcp_flags {
@@ -72,14 +83,56 @@ fn account(entry: &mut CtEntry, pkt: &Packet, dir: u8, now: u64) {
     }
 }
 
-/// Removes a connection: its reply key (if it still names this connection) and its entry.
+/// What a closing connection leaves at its backend: for the client's segments, where its sequence
+/// space ends and its last timestamp; for the backend's FIN, whether it was sent before the client's
+/// FIN reached the backend (it acknowledges less than the client sent), in which case the backend
+/// goes through TIME_WAIT. A global BPF function: the option walk is verified once, not along every
+/// path that accounts a packet.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_note_close(skb: *mut __sk_buff, pkt: *const Packet, entry: *mut CtEntry, dir: u32) -> i32 {
+    let (Some(skb), false, false) = (NonNull::new(skb), pkt.is_null(), entry.is_null()) else { return 0 };
+    // SAFETY: checked non-null: the caller's packet and the connection's map value.
+    let (pkt, entry) = unsafe { (&*pkt, &mut *entry) };
+    let seg = tcp::segment_of(&TcContext::new(skb), pkt);
+    if seg.end_seq == 0 && seg.tsval == 0 {
+        return 0;
+    }
+    if dir == u32::from(CT_DIR_ORIG) {
+        entry.orig_end_seq = seg.end_seq;
+        entry.orig_tsval = seg.tsval;
+    } else {
+        let client_fin_acked =
+            entry.flags & CT_F_FIN_ORIG != 0 && (seg.ack.wrapping_sub(entry.orig_end_seq) as i32) >= 0;
+        if !client_fin_acked {
+            entry.flags |= CT_F_BACKEND_TIME_WAIT;
+        }
+    }
+    0
+}
+
+/// Removes a connection: its reply key (if it still names this connection) and its entry. A closed
+/// connection whose backend closed first and may still hold the tuple in TIME_WAIT leaves its reply
+/// tuple retired instead, with how it ended: an SNAT port is not handed out as free while a backend
+/// would refuse a new SYN on it.
 #[inline(always)]
 pub fn remove(orig: &CtKey, entry: &CtEntry) {
     let reply = ct_reply_key(orig, entry);
-    if let Some(held) = CT_REPLY.get_ptr(&reply)
+    if let Some(held) = CT_REPLY.get_ptr_mut(&reply)
         && unsafe { (*held).orig } == *orig
     {
-        let _ = CT_REPLY.remove(&reply);
+        let in_time_wait = ct_closed(entry)
+            && entry.flags & CT_F_BACKEND_TIME_WAIT != 0
+            && now_ns().saturating_sub(entry.last_seen_ns) < BACKEND_TIME_WAIT_NS;
+        if in_time_wait {
+            // SAFETY: a map value, valid for this program run.
+            let held = unsafe { &mut *held };
+            held.claimed_ns = entry.last_seen_ns;
+            held.end = CtClosedEnd::of(entry);
+            held.flags = CT_REPLY_F_RETIRED;
+        } else {
+            let _ = CT_REPLY.remove(&reply);
+        }
     }
     let _ = CONNTRACK.remove(orig);
 }
@@ -88,7 +141,7 @@ pub fn remove(orig: &CtKey, entry: &CtEntry) {
 /// SYN on a closed one (TIME_WAIT, reset) starts a new connection on the same tuple, as the
 /// kernel's conntrack reopens it.
 #[inline(always)]
-pub fn lookup_orig(pkt: &Packet, now: u64) -> Option<Conn> {
+pub fn lookup_orig(ctx: &TcContext, pkt: &Packet, now: u64) -> Option<Conn> {
     let orig = tuple(pkt);
     let ptr = CONNTRACK.get_ptr_mut(&orig)?;
     // SAFETY: a map value, valid for this program run.
@@ -102,13 +155,13 @@ pub fn lookup_orig(pkt: &Packet, now: u64) -> Option<Conn> {
         stats::count(STAT_CT_REOPEN);
         return None;
     }
-    account(entry, pkt, CT_DIR_ORIG, now);
+    account(ctx, entry, pkt, CT_DIR_ORIG, now);
     Some(Conn { orig, entry: ptr })
 }
 
 /// The connection a packet is a reply of (its tuple is a connection's reply tuple).
 #[inline(always)]
-pub fn lookup_reply(pkt: &Packet, now: u64) -> Option<Conn> {
+pub fn lookup_reply(ctx: &TcContext, pkt: &Packet, now: u64) -> Option<Conn> {
     let reply = tuple(pkt);
     let orig = unsafe { (*CT_REPLY.get_ptr(&reply)?).orig };
     // Missing, or holding another reply tuple: a connection being created, or a leftover (which
@@ -122,7 +175,7 @@ pub fn lookup_reply(pkt: &Packet, now: u64) -> Option<Conn> {
         remove(&orig, entry);
         return None;
     }
-    account(entry, pkt, CT_DIR_REPLY, now);
+    account(ctx, entry, pkt, CT_DIR_REPLY, now);
     Some(Conn { orig, entry: ptr })
 }
 
@@ -136,7 +189,7 @@ pub enum Holder {
     /// A live connection that has not finished.
     Live,
     /// A connection that is over on both sides (TIME_WAIT, reset), idle since `last_seen_ns`.
-    Closed { last_seen_ns: u64 },
+    Closed { last_seen_ns: u64, end: CtClosedEnd },
     /// A live connection nobody has answered since `created_ns`, long enough ago that it may be
     /// displaced (`CT_UNANSWERED_TAKEOVER_NS`).
     Unanswered { created_ns: u64 },
@@ -149,13 +202,22 @@ pub fn holder(reply: &CtKey, now: u64) -> Holder {
     let held = unsafe { *held };
     let connection = CONNTRACK.get_ptr(&held.orig).map(|e| unsafe { *e });
     let Some(e) = connection.filter(|e| ct_reply_key(&held.orig, e) == *reply) else {
+        let idle = now.saturating_sub(held.claimed_ns);
+        // A retired tuple whose backend may still hold it in TIME_WAIT.
+        if held.flags & CT_REPLY_F_RETIRED != 0 && idle < BACKEND_TIME_WAIT_NS {
+            return Holder::Closed { last_seen_ns: held.claimed_ns, end: held.end };
+        }
         // Claimed for a connection another CPU is writing right now, or a leftover.
-        return if now.saturating_sub(held.claimed_ns) < CT_CLAIM_GRACE_NS { Holder::Live } else { Holder::Dead };
+        return if held.flags & CT_REPLY_F_RETIRED == 0 && idle < CT_CLAIM_GRACE_NS {
+            Holder::Live
+        } else {
+            Holder::Dead
+        };
     };
     if !ct_alive(&e, held.orig.proto, now) {
         Holder::Dead
     } else if ct_closed(&e) {
-        Holder::Closed { last_seen_ns: e.last_seen_ns }
+        Holder::Closed { last_seen_ns: e.last_seen_ns, end: CtClosedEnd::of(&e) }
     } else if e.flags & CT_F_ASSURED == 0 && now.saturating_sub(e.created_ns) > CT_UNANSWERED_TAKEOVER_NS {
         Holder::Unanswered { created_ns: e.created_ns }
     } else {
@@ -168,6 +230,30 @@ pub fn holder(reply: &CtKey, now: u64) -> Holder {
 /// holder (the caller decided it may go) is removed first. `Ok(false)`: another connection holds it.
 #[inline(always)]
 pub fn claim(reply: &CtKey, orig: &CtKey, now: u64) -> Result<bool, u32> {
+    match epx_claim_reply(reply, orig, now) {
+        1 => Ok(true),
+        0 => Ok(false),
+        reason => Err(-reason as u32),
+    }
+}
+
+/// [`claim`] as a global BPF function (verified once): 1 claimed, 0 held by another, or minus the
+/// drop reason.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_claim_reply(reply: *const CtKey, orig: *const CtKey, now: u64) -> i32 {
+    if reply.is_null() || orig.is_null() {
+        return -(STAT_DROP_CT_FULL as i32);
+    }
+    // SAFETY: checked non-null; the caller's own stack values.
+    match claim_now(unsafe { &*reply }, unsafe { &*orig }, now) {
+        Ok(claimed) => i32::from(claimed),
+        Err(reason) => -(reason as i32),
+    }
+}
+
+#[inline(always)]
+fn claim_now(reply: &CtKey, orig: &CtKey, now: u64) -> Result<bool, u32> {
     match holder(reply, now) {
         Holder::Free => {}
         Holder::Live => return Ok(false),
@@ -184,8 +270,8 @@ pub fn claim(reply: &CtKey, orig: &CtKey, now: u64) -> Result<bool, u32> {
             }
         }
     }
-    let value = CtReply { orig: *orig, claimed_ns: now };
-    insert_or_early_drop(|| CT_REPLY.insert(reply, &value, BPF_NOEXIST as u64))
+    let value = CtReply { orig: *orig, claimed_ns: now, ..CtReply::default() };
+    insert_new(|| CT_REPLY.insert(reply, &value, BPF_NOEXIST as u64))
 }
 
 /// Gives up a claimed reply tuple (the connection could not be created after all).
@@ -202,26 +288,18 @@ pub fn release_reply(reply: &CtKey, orig: &CtKey) {
 /// same connection first (the caller uses that one).
 #[inline(always)]
 pub fn create(orig: &CtKey, entry: &CtEntry) -> Result<bool, u32> {
-    let created = insert_or_early_drop(|| CONNTRACK.insert(orig, entry, BPF_NOEXIST as u64))?;
+    let created = insert_new(|| CONNTRACK.insert(orig, entry, BPF_NOEXIST as u64))?;
     if created && entry.flags & CT_F_ASSURED == 0 {
         remember_recent(orig);
     }
     Ok(created)
 }
 
-/// Runs an insert; when the table is full, displaces a recent unassured connection and tries once
-/// more. `Ok(false)` when the key exists; `Err` when there is no room.
+/// Runs an insert. `Ok(false)` when the key exists; `Err` when the table is full (the caller makes
+/// room with [`epx_early_drop`] and tries the whole connection again: done from the program's entry,
+/// the search's frames are not stacked on the connection's).
 #[inline(always)]
-fn insert_or_early_drop(insert: impl Fn() -> Result<(), i32>) -> Result<bool, u32> {
-    match insert() {
-        Ok(()) => return Ok(true),
-        Err(EEXIST) => return Ok(false),
-        Err(E2BIG) => {}
-        Err(_) => return Err(STAT_DROP_CT_FULL),
-    }
-    if !early_drop() {
-        return Err(STAT_DROP_CT_FULL);
-    }
+fn insert_new(insert: impl Fn() -> Result<(), i32>) -> Result<bool, u32> {
     match insert() {
         Ok(()) => Ok(true),
         Err(EEXIST) => Ok(false),
@@ -278,9 +356,15 @@ extern "C" fn early_drop_step(_: u64, ctx: *mut c_void) -> i64 {
     1
 }
 
-/// netfilter's early drop: removes the oldest recent connection of this CPU that is still not
-/// assured. An assured connection is never displaced.
+/// netfilter's early drop: removes the oldest recent connection that is still not assured. An
+/// assured connection is never displaced. Returns 1 when one was removed.
+#[unsafe(no_mangle)]
 #[inline(never)]
+pub extern "C" fn epx_early_drop() -> i32 {
+    i32::from(early_drop())
+}
+
+#[inline(always)]
 fn early_drop() -> bool {
     let Some(cursor) = CT_RECENT_CURSOR.get_ptr_mut(0) else { return false };
     let mut search = EarlyDrop { cursor, done: 0 };

@@ -19,6 +19,7 @@ mod service;
 mod snat;
 mod sock;
 mod stats;
+mod tcp;
 mod verdict;
 
 use aya_ebpf::{

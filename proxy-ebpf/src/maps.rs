@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Affinity, AffinityKey, Backend, BackendSlotKey, CT_RECENT_SLOTS, CtEntry, CtKey, CtRecentCursor, CtReply, Frontend,
-    FrontendKey, MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_NODE_ADDRS,
-    MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, MAX_SOURCE_RANGES, NodeAddr, NodeConfig, RejectBudget, RevNat, STAT_MAX,
-    ServiceAddr, SockFlow, SockFlowKey, SockRevNatKey, SourceRangeKey,
+    FrontendKey, MAX_AFFINITY, MAX_BACKEND_MEMBERS, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS,
+    MAX_NODE_ADDRS, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, MAX_SOURCE_RANGES, MemberKey, NodeAddr, NodeConfig,
+    RejectBudget, RevNat, STAT_MAX, ServiceAddr, SockFlow, SockFlowKey, SockRevNatKey, SourceRangeKey,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -25,7 +25,7 @@ pub static BACKEND_SLOTS: HashMap<BackendSlotKey, u32, { MAX_BACKEND_SLOTS as us
 pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map]
-pub static REV_NAT: HashMap<u32, RevNat, { MAX_FRONTENDS as usize }, NO_PREALLOC> = HashMap::new();
+pub static BACKEND_MEMBERS: HashMap<MemberKey, u32, { MAX_BACKEND_MEMBERS as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map]
 pub static SERVICE_ADDRS: HashMap<u32, ServiceAddr, { MAX_SERVICE_ADDRS as usize }, NO_PREALLOC> = HashMap::new();

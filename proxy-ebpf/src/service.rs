@@ -26,7 +26,7 @@ use crate::{
     nat::{self, End},
     node,
     packet::{self, Packet},
-    reject, snat, stats, verdict,
+    reject, snat, stats, tcp, verdict,
 };
 
 /// Where the program is attached.
@@ -58,7 +58,12 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
     // Created from here rather than from within epx_service, so the two frames are not stacked;
     // then the packet goes the way of every packet of its connection.
     let fe = lb::frontend(pkt.daddr, pkt.dport, pkt.proto).ok_or(STAT_DROP_NO_BACKEND)?;
-    match epx_new_connection(&pkt, &fe, side as u32, conntrack::now_ns()) {
+    let mut created = epx_new_connection(skb, &pkt, &fe, side as u32, conntrack::now_ns());
+    // The table is full: make room by displacing a connection nobody answered, and try once more.
+    if created == STAT_DROP_CT_FULL as i32 && conntrack::epx_early_drop() == 1 {
+        created = epx_new_connection(skb, &pkt, &fe, side as u32, conntrack::now_ns());
+    }
+    match created {
         0 => match epx_service(skb, &pkt) {
             verdict::NEW_CONNECTION => Err(STAT_DROP_CT_FULL),
             outcome => verdict::decode(outcome),
@@ -73,7 +78,7 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
 pub extern "C" fn epx_reply(skb: *mut __sk_buff, pkt: *const Packet) -> i32 {
     let (Some(skb), false) = (NonNull::new(skb), pkt.is_null()) else { return verdict::NEXT };
     let (ctx, pkt) = (TcContext::new(skb), unsafe { &*pkt });
-    match conntrack::lookup_reply(pkt, conntrack::now_ns()) {
+    match conntrack::lookup_reply(&ctx, pkt, conntrack::now_ns()) {
         Some(conn) => verdict::encode(reverse(&ctx, pkt, &conn)),
         None => verdict::NEXT,
     }
@@ -96,7 +101,7 @@ fn to_service(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
     let Some(fe) = lb::frontend(pkt.daddr, pkt.dport, pkt.proto) else {
         return not_a_frontend(ctx, &pkt);
     };
-    let conn = match conntrack::lookup_orig(&pkt, now) {
+    let conn = match conntrack::lookup_orig(ctx, &pkt, now) {
         Some(conn) if conn.entry().service_id == fe.service_id => conn,
         other => {
             // The address and port now belong to another frontend: the old connection is over.
@@ -212,14 +217,20 @@ fn claim_own_port(orig: &CtKey, entry: &CtEntry, now: u64) -> Result<bool, u32> 
 /// connection tracked, or the reason it was not.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn epx_new_connection(pkt: *const Packet, fe: *const Frontend, side: u32, now: u64) -> i32 {
+pub extern "C" fn epx_new_connection(
+    skb: *mut __sk_buff,
+    pkt: *const Packet,
+    fe: *const Frontend,
+    side: u32,
+    now: u64,
+) -> i32 {
     // The verifier hands a global function possibly-null pointers.
-    if pkt.is_null() || fe.is_null() {
+    let (Some(skb), false, false) = (NonNull::new(skb), pkt.is_null(), fe.is_null()) else {
         return STAT_DROP_REWRITE as i32;
-    }
+    };
     let side = if side == Side::Pod as u32 { Side::Pod } else { Side::Netdev };
     // SAFETY: checked non-null; the caller passes its own stack values.
-    match new_connection(unsafe { &*pkt }, unsafe { &*fe }, side, now) {
+    match new_connection(&TcContext::new(skb), unsafe { &*pkt }, unsafe { &*fe }, side, now) {
         Ok(()) => 0,
         Err(reason) => reason as i32,
     }
@@ -227,7 +238,7 @@ pub extern "C" fn epx_new_connection(pkt: *const Packet, fe: *const Frontend, si
 
 /// Checks the frontend's policies, chooses a backend and tracks the new connection.
 #[inline(always)]
-fn new_connection(pkt: &Packet, fe: &Frontend, side: Side, now: u64) -> Result<(), u32> {
+fn new_connection(ctx: &TcContext, pkt: &Packet, fe: &Frontend, side: Side, now: u64) -> Result<(), u32> {
     let cfg = node::config();
     if fe.flags & FRONTEND_F_SOURCE_RANGES != 0 && !lb::source_allowed(fe, pkt.saddr) {
         return Err(STAT_DROP_SOURCE_RANGE);
@@ -251,14 +262,14 @@ fn new_connection(pkt: &Packet, fe: &Frontend, side: Side, now: u64) -> Result<(
     };
     if needs_snat(cfg.as_ref(), side, pkt, fe, be.addr, be.flags) {
         let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
-        snat::allocate(&mut entry, &orig, cfg.masq_addr, &cfg, now)?;
+        snat::allocate(&mut entry, &orig, tcp::segment_of(ctx, pkt), cfg.masq_addr, &cfg, now)?;
         stats::count(STAT_SNAT);
     } else if !claim_own_port(&orig, &entry, now)? {
         // The client reuses a port that the backend still pairs with it for another connection (its
         // kernel chose the port for a different destination address, so nothing stopped it): the
         // backend would take the SYN for an old duplicate. A free port, as netfilter's NAT does.
         let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
-        snat::allocate(&mut entry, &orig, pkt.saddr, &cfg, now)?;
+        snat::allocate(&mut entry, &orig, tcp::segment_of(ctx, pkt), pkt.saddr, &cfg, now)?;
         stats::count(STAT_SOURCE_PORT_REMAP);
     }
     match conntrack::create(&orig, &entry) {

@@ -19,7 +19,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, Map, MapData};
-use proxy_common::{CT_CLAIM_GRACE_NS, CtEntry, CtKey, CtReply, ct_alive, ct_reply_key};
+use proxy_common::{
+    BACKEND_TIME_WAIT_NS, CT_CLAIM_GRACE_NS, CT_REPLY_F_RETIRED, CtEntry, CtKey, CtReply, ct_alive, ct_reply_key,
+};
 
 use crate::{batch, datapath::open_pinned};
 
@@ -86,19 +88,20 @@ impl ConntrackMaps {
     }
 
     /// One connection, if tracked.
-    pub fn get(&mut self, orig: &CtKey) -> Option<CtEntry> {
-        self.maps().ok()?.0.get(orig, 0).ok()
+    pub fn get(&self, orig: &CtKey) -> Option<CtEntry> {
+        HashMap::<&MapData, CtKey, CtEntry>::try_from(&self.conntrack).ok()?.get(orig, 0).ok()
     }
 
     /// The original tuple a reply tuple names, if any.
-    pub fn orig_of(&mut self, reply: &CtKey) -> Option<CtKey> {
-        self.maps().ok()?.1.get(reply, 0).ok().map(|r| r.orig)
+    pub fn orig_of(&self, reply: &CtKey) -> Option<CtKey> {
+        HashMap::<&MapData, CtKey, CtReply>::try_from(&self.replies).ok()?.get(reply, 0).ok().map(|r| r.orig)
     }
 
     /// Writes a connection and its reply tuple (tests, and tools that seed a table).
     pub fn insert(&mut self, orig: &CtKey, entry: &CtEntry) -> Result<()> {
         let (mut conntrack, mut replies) = self.maps()?;
-        replies.insert(&ct_reply_key(orig, entry), &CtReply { orig: *orig, claimed_ns: entry.created_ns }, 0)?;
+        let reply = CtReply { orig: *orig, claimed_ns: entry.created_ns, ..CtReply::default() };
+        replies.insert(&ct_reply_key(orig, entry), &reply, 0)?;
         conntrack.insert(orig, entry, 0)?;
         Ok(())
     }
@@ -145,13 +148,14 @@ impl ConntrackMaps {
         let dead_count = self.remove(&dead)?;
         // A reply tuple whose connection is gone, or that names a connection now holding another
         // reply tuple, only takes room: the datapath ignores it. One claimed moments ago belongs to a
-        // connection being written.
+        // connection being written; a retired one stands for its backend's TIME_WAIT for a minute.
         let wanted: BTreeSet<(CtKey, CtKey)> = alive.iter().map(|(k, e)| (ct_reply_key(k, e), *k)).collect();
         let orphans: Vec<(CtKey, CtReply)> = self
             .replies()?
             .into_iter()
             .filter(|(reply, r)| {
-                !wanted.contains(&(*reply, r.orig)) && now_ns.saturating_sub(r.claimed_ns) > ORPHAN_AGE_NS
+                let keep_for = if r.flags & CT_REPLY_F_RETIRED != 0 { BACKEND_TIME_WAIT_NS } else { ORPHAN_AGE_NS };
+                !wanted.contains(&(*reply, r.orig)) && now_ns.saturating_sub(r.claimed_ns) > keep_for
             })
             .collect();
         let (conntrack, mut replies) = self.maps()?;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
-use proxy_common::{Backend, BackendSlotKey, Frontend, FrontendKey, NodeAddr, NodeConfig, RevNat, ServiceAddr};
+use proxy_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, NodeAddr, NodeConfig, ServiceAddr};
 
 use crate::translate::{DesiredMaps, SourceRange};
 
@@ -33,14 +33,14 @@ impl<K: Ord + Clone, V: Clone> Table<K, V> for BTreeMap<K, V> {
 
 /// The load-balancing maps.
 pub struct Tables {
-    pub frontends: Box<dyn Table<FrontendKey, Frontend> + Send>,
-    pub slots: Box<dyn Table<BackendSlotKey, u32> + Send>,
-    pub backends: Box<dyn Table<u32, Backend> + Send>,
-    pub rev_nat: Box<dyn Table<u32, RevNat> + Send>,
-    pub service_addrs: Box<dyn Table<u32, ServiceAddr> + Send>,
-    pub source_ranges: Box<dyn Table<SourceRange, u32> + Send>,
-    pub node_config: Box<dyn Table<u32, NodeConfig> + Send>,
-    pub node_addrs: Box<dyn Table<u32, NodeAddr> + Send>,
+    pub frontends: Box<dyn Table<FrontendKey, Frontend> + Send + Sync>,
+    pub slots: Box<dyn Table<BackendSlotKey, u32> + Send + Sync>,
+    pub backends: Box<dyn Table<u32, Backend> + Send + Sync>,
+    pub members: Box<dyn Table<MemberKey, u32> + Send + Sync>,
+    pub service_addrs: Box<dyn Table<u32, ServiceAddr> + Send + Sync>,
+    pub source_ranges: Box<dyn Table<SourceRange, u32> + Send + Sync>,
+    pub node_config: Box<dyn Table<u32, NodeConfig> + Send + Sync>,
+    pub node_addrs: Box<dyn Table<u32, NodeAddr> + Send + Sync>,
 }
 
 impl Tables {
@@ -50,7 +50,7 @@ impl Tables {
             frontends: Box::new(BTreeMap::new()),
             slots: Box::new(BTreeMap::new()),
             backends: Box::new(BTreeMap::new()),
-            rev_nat: Box::new(BTreeMap::new()),
+            members: Box::new(BTreeMap::new()),
             service_addrs: Box::new(BTreeMap::new()),
             source_ranges: Box::new(BTreeMap::new()),
             node_config: Box::new(BTreeMap::new()),
@@ -64,7 +64,7 @@ impl Tables {
             frontends: self.frontends.entries().context("reading frontends")?,
             slots: self.slots.entries().context("reading backend slots")?,
             backends: self.backends.entries().context("reading backends")?,
-            rev_nat: self.rev_nat.entries().context("reading reverse NAT")?,
+            members: self.members.entries().context("reading backend memberships")?,
             service_addrs: self.service_addrs.entries().context("reading service addresses")?,
             source_ranges: self.source_ranges.entries().context("reading source ranges")?,
             node_config: self.node_config.entries().context("reading the node configuration")?,
@@ -140,15 +140,16 @@ impl Reconciler {
         let mut s = SyncStats::default();
         let a = &mut self.actual;
         // Referenced before referencing: the node's configuration first (SNAT needs it); backends ←
-        // slots ← frontends; reverse NAT, the address set and source ranges before the frontend that
-        // makes packets need them.
+        // slots and memberships ← frontends; the address set and source ranges before the frontend
+        // that makes packets need them.
         write_changed(t.node_config.as_mut(), &mut a.node_config, &desired.node_config, &mut s)
             .context("writing the node configuration")?;
         write_changed(t.node_addrs.as_mut(), &mut a.node_addrs, &desired.node_addrs, &mut s)
             .context("writing node addresses")?;
         write_changed(t.backends.as_mut(), &mut a.backends, &desired.backends, &mut s).context("writing backends")?;
         write_changed(t.slots.as_mut(), &mut a.slots, &desired.slots, &mut s).context("writing backend slots")?;
-        write_changed(t.rev_nat.as_mut(), &mut a.rev_nat, &desired.rev_nat, &mut s).context("writing reverse NAT")?;
+        write_changed(t.members.as_mut(), &mut a.members, &desired.members, &mut s)
+            .context("writing backend memberships")?;
         write_changed(t.service_addrs.as_mut(), &mut a.service_addrs, &desired.service_addrs, &mut s)
             .context("writing service addresses")?;
         write_changed(t.source_ranges.as_mut(), &mut a.source_ranges, &desired.source_ranges, &mut s)
@@ -161,8 +162,8 @@ impl Reconciler {
         delete_unwanted(t.slots.as_mut(), &mut a.slots, &desired.slots, &mut s).context("deleting backend slots")?;
         delete_unwanted(t.service_addrs.as_mut(), &mut a.service_addrs, &desired.service_addrs, &mut s)
             .context("deleting service addresses")?;
-        delete_unwanted(t.rev_nat.as_mut(), &mut a.rev_nat, &desired.rev_nat, &mut s)
-            .context("deleting reverse NAT")?;
+        delete_unwanted(t.members.as_mut(), &mut a.members, &desired.members, &mut s)
+            .context("deleting backend memberships")?;
         delete_unwanted(t.source_ranges.as_mut(), &mut a.source_ranges, &desired.source_ranges, &mut s)
             .context("deleting source ranges")?;
         delete_unwanted(t.backends.as_mut(), &mut a.backends, &desired.backends, &mut s)

@@ -25,7 +25,7 @@ use crate::{
     datapath::{Datapath, MapMode, PRIVATE_CONNTRACK_MAX, PROG_FROM_NETDEV, PROG_FROM_POD},
     model::{self, Model, ModelOptions, Protocol},
     objects,
-    reconcile::Reconciler,
+    reconcile::{Reconciler, Tables},
     translate::{self, DesiredMaps, Ids, NodeContext},
 };
 
@@ -210,6 +210,9 @@ pub struct TraceDatapath {
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
     pub conntrack: ConntrackMaps,
     reject_budget: Array<MapData, RejectBudget>,
+    tables: Tables,
+    reconciler: Reconciler,
+    ids: Ids,
 }
 
 impl TraceDatapath {
@@ -233,14 +236,27 @@ impl TraceDatapath {
         let model = model::build(&objects, &ModelOptions::default());
         let mut node = NodeContext::new(node, &model);
         node.snat_ports = snat_ports;
-        let (desired, _) = translate::translate(&model, &node, &mut Ids::default());
+        let mut ids = Ids::default();
+        let (desired, _) = translate::translate(&model, &node, &mut ids);
         let mut dp = Datapath::load(MapMode::Private { conntrack_max })?;
         let mut tables = dp.tables()?;
-        Reconciler::new(&tables)?.sync(&desired, &mut tables)?;
+        let mut reconciler = Reconciler::new(&tables)?;
+        reconciler.sync(&desired, &mut tables)?;
         let affinity = HashMap::try_from(dp.take_map("AFFINITY")?)?;
         let conntrack = dp.conntrack()?;
         let reject_budget = Array::try_from(dp.take_map("REJECT_BUDGET")?)?;
-        Ok(Self { dp, model, node, desired, affinity, conntrack, reject_budget })
+        Ok(Self { dp, model, node, desired, affinity, conntrack, reject_budget, tables, reconciler, ids })
+    }
+
+    /// Programs the maps for other objects, as `run` does on a change: IDs kept, only what changed
+    /// written, connections and affinity left as they are.
+    pub fn reprogram(&mut self, objects_path: &std::path::Path) -> Result<()> {
+        let objects = objects::load(objects_path)?;
+        self.model = model::build(&objects, &ModelOptions::default());
+        let (desired, _) = translate::translate(&self.model, &self.node, &mut self.ids);
+        self.reconciler.sync(&desired, &mut self.tables)?;
+        self.desired = desired;
+        Ok(())
     }
 
     /// Forgets every client's affinity, so each run chooses afresh.

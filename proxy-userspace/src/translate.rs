@@ -10,9 +10,10 @@ use ipnet::Ipv4Net;
 use proxy_common::{
     BACKEND_F_LOCAL, Backend, BackendSlotKey, DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FRONTEND_F_AFFINITY,
     FRONTEND_F_CLUSTER_IP, FRONTEND_F_ETP_LOCAL, FRONTEND_F_EXTERNAL, FRONTEND_F_HAS_ENDPOINTS, FRONTEND_F_ITP_LOCAL,
-    FRONTEND_F_NODE_PORT, FRONTEND_F_SOURCE_RANGES, Frontend, FrontendKey, LOCAL_SLOT_BASE, NODE_F_CLUSTER_CIDR,
-    NODE_F_CONFIGURED, NODE_F_MASQUERADE_ALL, NODE_F_SERVICE_CIDR, NodeAddr, NodeConfig, RevNat,
-    SERVICE_ADDR_F_CLUSTER_IP, SOURCE_RANGE_ID_BITS, ServiceAddr, SourceRangeKey, addr_to_map, port_to_map,
+    FRONTEND_F_NODE_PORT, FRONTEND_F_SOURCE_RANGES, Frontend, FrontendKey, LOCAL_SLOT_BASE, MEMBER_F_CLUSTER,
+    MEMBER_F_LOCAL, MemberKey, NODE_F_CLUSTER_CIDR, NODE_F_CONFIGURED, NODE_F_MASQUERADE_ALL, NODE_F_SERVICE_CIDR,
+    NodeAddr, NodeConfig, SERVICE_ADDR_F_CLUSTER_IP, SOURCE_RANGE_ID_BITS, ServiceAddr, SourceRangeKey, addr_to_map,
+    port_to_map,
 };
 
 use crate::{
@@ -29,7 +30,7 @@ pub struct DesiredMaps {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub slots: BTreeMap<BackendSlotKey, u32>,
     pub backends: BTreeMap<u32, Backend>,
-    pub rev_nat: BTreeMap<u32, RevNat>,
+    pub members: BTreeMap<MemberKey, u32>,
     pub service_addrs: BTreeMap<u32, ServiceAddr>,
     pub source_ranges: BTreeMap<SourceRange, u32>,
     /// `NODE_CONFIG` (index 0).
@@ -171,8 +172,9 @@ impl Builder<'_> {
         id
     }
 
-    /// Writes one backend set's slots; returns its size.
+    /// Writes one backend set's slots and memberships; returns its size.
     fn slots(&mut self, service_id: u32, base: u32, set: &[&Endpoint], proto: u8, node: &str, sp: &str) -> u16 {
+        let member = if base == LOCAL_SLOT_BASE { MEMBER_F_LOCAL } else { MEMBER_F_CLUSTER };
         let count = u16::try_from(set.len()).unwrap_or(u16::MAX);
         if usize::from(count) < set.len() {
             self.notes.push(format!("Service port {sp}: only the first {count} of {} endpoints are used", set.len()));
@@ -182,6 +184,7 @@ impl Builder<'_> {
             let backend = Backend { addr: addr_to_map(ep.addr.octets()), port: port_to_map(ep.port), proto, flags };
             let id = self.backend_id(backend);
             self.out.slots.insert(BackendSlotKey { service_id, slot: base + i as u32 }, id);
+            *self.out.members.entry(MemberKey { service_id, backend_id: id }).or_default() |= member;
         }
         count
     }
@@ -307,7 +310,6 @@ pub fn translate(model: &Model, node: &NodeContext, ids: &mut Ids) -> (DesiredMa
                 }
             }
             b.out.frontends.insert(key, fe);
-            b.out.rev_nat.insert(service_id, RevNat { addr, port: key.port, _pad: 0 });
             // Node addresses carry NodePorts but are not Service addresses: other traffic to them
             // (fragments included) is the node's own.
             if !node.addresses.contains(&ip) {

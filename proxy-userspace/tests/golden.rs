@@ -14,8 +14,8 @@ use ebpf_proxy::{
 use proxy_common::{
     BACKEND_F_LOCAL, FRONTEND_F_AFFINITY, FRONTEND_F_CLUSTER_IP, FRONTEND_F_ETP_LOCAL, FRONTEND_F_EXTERNAL,
     FRONTEND_F_HAS_ENDPOINTS, FRONTEND_F_ITP_LOCAL, FRONTEND_F_NODE_PORT, FRONTEND_F_SOURCE_RANGES, LOCAL_SLOT_BASE,
-    NODE_F_CLUSTER_CIDR, NODE_F_CONFIGURED, NODE_F_MASQUERADE_ALL, NODE_F_SERVICE_CIDR, SERVICE_ADDR_F_CLUSTER_IP,
-    SOURCE_RANGE_ID_BITS, addr_from_map, port_from_map,
+    MEMBER_F_CLUSTER, MEMBER_F_LOCAL, NODE_F_CLUSTER_CIDR, NODE_F_CONFIGURED, NODE_F_MASQUERADE_ALL,
+    NODE_F_SERVICE_CIDR, SERVICE_ADDR_F_CLUSTER_IP, SOURCE_RANGE_ID_BITS, addr_from_map, port_from_map,
 };
 
 fn ip(a: u32) -> Ipv4Addr {
@@ -98,8 +98,9 @@ fn render(d: &DesiredMaps) -> String {
         let local = if b.flags & BACKEND_F_LOCAL != 0 { " local" } else { "" };
         writeln!(out, "BACKENDS {id} -> {}:{}/{}{local}", ip(b.addr), port_from_map(b.port), proto(b.proto)).unwrap();
     }
-    for (id, r) in &d.rev_nat {
-        writeln!(out, "REV_NAT {id} -> {}:{}", ip(r.addr), port_from_map(r.port)).unwrap();
+    for (k, m) in &d.members {
+        let fl = flags(*m, &[(MEMBER_F_CLUSTER, "CLUSTER"), (MEMBER_F_LOCAL, "LOCAL")]);
+        writeln!(out, "BACKEND_MEMBERS {} backend {} -> {fl}", k.service_id, k.backend_id).unwrap();
     }
     for (a, s) in &d.service_addrs {
         let fl = flags(u32::from(s.flags), &[(u32::from(SERVICE_ADDR_F_CLUSTER_IP), "CLUSTER_IP")]);

@@ -111,7 +111,10 @@ fn slices_join_by_label_and_port_name_and_merge() {
     let u = d.frontends[&fe([10, 96, 0, 1], 53, PROTO_UDP)];
     assert_eq!(u.backend_count, 1);
     assert_eq!(d.slots.len(), 3);
-    assert_eq!(d.rev_nat[&f.service_id].port, port_to_map(80));
+    // Each backend of the frontend is recorded as a member of its cluster-wide set.
+    let members: Vec<_> = d.members.iter().filter(|(k, _)| k.service_id == f.service_id).collect();
+    assert_eq!(members.len(), 2);
+    assert!(members.iter().all(|(_, m)| **m == proxy_common::MEMBER_F_CLUSTER));
     assert_eq!(d.service_addrs.len(), 1);
     assert_eq!(d.service_addrs[&addr_to_map([10, 96, 0, 1])].frontends, 2);
 }
@@ -162,7 +165,7 @@ fn recording_tables(log: &Arc<Mutex<Vec<String>>>) -> Tables {
         frontends: r("frontend", log),
         slots: r("slot", log),
         backends: r("backend", log),
-        rev_nat: r("revnat", log),
+        members: r("member", log),
         service_addrs: r("addr", log),
         source_ranges: r("range", log),
         node_config: r("config", log),
@@ -204,9 +207,10 @@ fn reconciler_writes_references_first_deletes_in_reverse_and_touches_only_change
     // Remove the first web endpoint: only web's entries change, api is not touched.
     let s = sync(&web(&["10.0.0.2", "10.0.0.3"]), &mut ids, &mut rec, &mut tables);
     let second: Vec<String> = log.lock().unwrap().drain(..).collect();
-    // Slots 0 and 1 rewritten, frontend count updated, slot 2 and the backend deleted.
-    assert_eq!(second, ["put slot", "put slot", "put frontend", "del slot", "del backend"], "{second:?}");
-    assert_eq!((s.written, s.deleted), (3, 2));
+    // Slots 0 and 1 rewritten, frontend count updated, slot 2, the removed backend's membership and
+    // the backend deleted; the remaining backends' memberships are untouched (affinity follows them).
+    assert_eq!(second, ["put slot", "put slot", "put frontend", "del slot", "del member", "del backend"], "{second:?}");
+    assert_eq!((s.written, s.deleted), (3, 3));
     assert_eq!(tables.dump().unwrap().frontends[&fe([10, 96, 0, 2], 443, PROTO_TCP)].service_id, api_id);
 
     // Nothing changed: nothing written.

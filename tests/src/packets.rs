@@ -94,3 +94,24 @@ pub fn inspect(frame: &[u8]) -> Seen {
         udp_checksum,
     }
 }
+
+/// Ethernet + IPv4 + TCP with the given flag byte, sequence and acknowledgment numbers and a
+/// timestamp option (TSval `tsval`, as Linux lays it out: NOP, NOP, TS).
+pub fn tcp_ts(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32, tsval: u32) -> Vec<u8> {
+    use etherparse::TcpOptionElement::{Noop, Timestamp};
+    let mut tcp = TcpHeader::new(src.port(), dst.port(), seq, 64_240);
+    tcp.acknowledgment_number = ack;
+    tcp.fin = flags & 0x01 != 0;
+    tcp.syn = flags & 0x02 != 0;
+    tcp.rst = flags & 0x04 != 0;
+    tcp.psh = flags & 0x08 != 0;
+    tcp.ack = flags & 0x10 != 0;
+    tcp.set_options(&[Noop, Noop, Timestamp(tsval, 0)]).expect("options");
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .tcp_header(tcp)
+        .write(&mut out, &[])
+        .expect("build tcp");
+    out
+}

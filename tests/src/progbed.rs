@@ -74,6 +74,12 @@ impl ProgBed {
         (r.return_value, out)
     }
 
+    /// Programs the maps for other objects (as `run` does on a change: IDs kept).
+    pub fn reprogram(&mut self, objects: &str) {
+        fs::write(self._dir.0.join("objects.yaml"), objects).unwrap();
+        self.tdp.reprogram(&self._dir.0.join("objects.yaml")).expect("reprogram");
+    }
+
     pub fn stats(&self) -> Vec<u64> {
         self.tdp.dp.read_stats().unwrap()
     }

@@ -91,6 +91,7 @@ fn tcp_flags(frame: &mut [u8], flags: u8) -> Vec<u8> {
 }
 
 const ACK: u8 = 0x10;
+const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
 
 /// A client's connection through the NodePort, masqueraded to the one SNAT port: the SYN and the
@@ -334,4 +335,79 @@ fn a_full_table_displaces_unanswered_connections_never_assured_ones() {
     let collected = bed.tdp.conntrack.collect(now_ns()).unwrap();
     assert_eq!((collected.alive, collected.dead), (0, MAX as usize));
     assert!(bed.tdp.conntrack.replies().unwrap().is_empty(), "reply tuples removed with their connections");
+}
+
+const FIN: u8 = 0x01;
+
+/// A connection through the NodePort masqueraded to one of the two SNAT ports, closed by the
+/// backend first (so the backend holds its tuple in TIME_WAIT), the client's last timestamp
+/// `client_tsval`. Returns the SNAT port.
+fn closed_by_the_backend(bed: &ProgBed, client: SocketAddrV4, client_tsval: u32) -> u16 {
+    let out = bed.run(PROG_FROM_NETDEV, &packets::tcp_ts(client, NODE_PORT, SYN, 1000, 0, client_tsval - 10)).1;
+    let snat = inspect(&out).src;
+    bed.run(PROG_FROM_NETDEV, &packets::tcp_ts(BACKEND, snat, SYN | ACK, 5000, 1001, 1));
+    bed.run(PROG_FROM_NETDEV, &packets::tcp_ts(client, NODE_PORT, ACK, 1001, 5001, client_tsval - 5));
+    // The backend's FIN acknowledges nothing of a client FIN: it closes first.
+    bed.run(PROG_FROM_NETDEV, &packets::tcp_ts(BACKEND, snat, FIN | ACK, 5001, 1001, 2));
+    bed.run(PROG_FROM_NETDEV, &packets::tcp_ts(client, NODE_PORT, FIN | ACK, 1001, 5002, client_tsval));
+    bed.run(PROG_FROM_NETDEV, &packets::tcp_ts(BACKEND, snat, ACK, 5002, 1002, 3));
+    let e = bed.tdp.conntrack.get(&key(client, NODE_PORT, PROTO_TCP)).unwrap();
+    assert_eq!(e.state, proxy_common::CT_STATE_TIME_WAIT);
+    assert_ne!(e.flags & proxy_common::CT_F_BACKEND_TIME_WAIT, 0, "the backend closed first");
+    assert_eq!((e.orig_end_seq, e.orig_tsval), (1002, client_tsval), "where the client ended");
+    snat.port()
+}
+
+#[test]
+fn a_closed_snat_port_is_reused_only_where_the_backends_time_wait_takes_the_new_syn() {
+    // Two ports, both held by connections the backend closed first: one whose client's last
+    // timestamp was 5000, one 9000. Clients randomize timestamps per connection; Linux in TIME_WAIT
+    // takes a SYN only with a newer timestamp (or, without timestamps, a sequence number past the
+    // old connection's end), and answers any other with an ACK (the client resets and retries a
+    // second later).
+    let mut bed = ProgBed::new(OBJECTS, (61_000, 61_001));
+    let third = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 4), 50_000);
+    for _ in 0..20 {
+        let low = closed_by_the_backend(&bed, EXTERNAL, 5_000);
+        let high = closed_by_the_backend(&bed, OTHER_CLIENT, 9_000);
+        assert_ne!(low, high);
+        // TSval 7000: only the tuple last used at 5000 takes it, whichever port the search starts at.
+        let syn = packets::tcp_ts(third, NODE_PORT, SYN, 10, 0, 7_000);
+        let before = bed.stats();
+        let out = inspect(&bed.run(PROG_FROM_NETDEV, &syn).1);
+        assert_eq!(out.src.port(), low, "the SYN was sent over the tuple its backend refuses");
+        assert_eq!(bed.stats()[STAT_SNAT_REUSE_CLOSED as usize] - before[STAT_SNAT_REUSE_CLOSED as usize], 1);
+        bed.tdp.conntrack.clear().unwrap();
+    }
+    closed_by_the_backend(&bed, EXTERNAL, 5_000);
+    closed_by_the_backend(&bed, OTHER_CLIENT, 9_000);
+    // A SYN older than both: no port is safe; it goes out on one anyway (a second's delay, not a
+    // loss), counted.
+    let old = packets::tcp_ts(third, NODE_PORT, SYN, 10, 0, 1_000);
+    let before = bed.stats();
+    assert_eq!(bed.run(PROG_FROM_NETDEV, &old).0, TC_ACT_OK);
+    let moved = |i: u32| bed.stats()[i as usize] - before[i as usize];
+    assert_eq!(moved(proxy_common::STAT_SNAT_REUSE_BACKEND_TIME_WAIT), 1);
+}
+
+#[test]
+fn a_reopened_tuple_keeps_its_backend_time_wait_for_the_snat_port() {
+    // The client reuses its own port at once (its side was not in TIME_WAIT): the connection is
+    // replaced, but its SNAT tuple, which the backend still holds, is not handed out as free.
+    let bed = ProgBed::new(OBJECTS, (61_000, 61_001));
+    let port = closed_by_the_backend(&bed, EXTERNAL, 9_000);
+    // The same client port opens a new connection: it gets a new SNAT port.
+    let out = inspect(&bed.run(PROG_FROM_NETDEV, &packets::tcp_ts(EXTERNAL, NODE_PORT, SYN, 10, 0, 9_500)).1);
+    assert_ne!(out.src.port(), port, "the reopened connection kept the tuple the backend holds");
+    // A third connection with an older timestamp than the retired tuple's must not get it as free.
+    let third = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 4), 50_000);
+    let before = bed.stats();
+    let out = inspect(&bed.run(PROG_FROM_NETDEV, &packets::tcp_ts(third, NODE_PORT, SYN, 10, 0, 1_000)).1);
+    assert_eq!(out.src.port(), port, "only the retired tuple is left");
+    assert_eq!(
+        bed.stats()[proxy_common::STAT_SNAT_REUSE_BACKEND_TIME_WAIT as usize]
+            - before[proxy_common::STAT_SNAT_REUSE_BACKEND_TIME_WAIT as usize],
+        1,
+        "taken as a tuple its backend still holds, not as a free one"
+    );
 }

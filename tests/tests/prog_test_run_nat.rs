@@ -11,10 +11,10 @@ use ebpf_proxy::{
 use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader};
 use proxy_common::{
     Affinity, AffinityKey, CT_F_ASSURED, CT_F_SEEN_REPLY, CT_F_SNAT, CT_STATE_CLOSE, CT_STATE_ESTABLISHED,
-    CT_STATE_TIME_WAIT, CtEntry, CtKey, PROTO_TCP, STAT_CT_NEW, STAT_CT_REOPEN, STAT_DROP_NO_LOCAL_ENDPOINTS,
-    STAT_DROP_REJECT_RATE_LIMITED, STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT,
-    STAT_REJECT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SNAT_COLLISION, STAT_SNAT_REUSE_CLOSED, STAT_SOURCE_PORT_REMAP,
-    addr_to_map, port_to_map,
+    CT_STATE_TIME_WAIT, CtEntry, CtKey, PROTO_TCP, STAT_AFFINITY_HIT, STAT_CT_NEW, STAT_CT_REOPEN,
+    STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_REJECT_RATE_LIMITED, STAT_DROP_SNAT_EXHAUSTED,
+    STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_REJECT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SNAT_COLLISION,
+    STAT_SNAT_REUSE_CLOSED, STAT_SOURCE_PORT_REMAP, addr_to_map, port_to_map,
 };
 use tests::{
     packets::{self, MAC_A, MAC_B, inspect},
@@ -491,4 +491,37 @@ fn reject_answers_are_rate_limited_per_node() {
     std::thread::sleep(std::time::Duration::from_millis(60));
     let syn = packets::tcp(SocketAddrV4::new(*POD.ip(), 30_000), vip, true, false, &[]);
     bed.expect(PROG_FROM_POD, &syn, TC_ACT_REDIRECT, &[(STAT_REJECT, 1)]);
+}
+
+#[test]
+fn session_affinity_survives_changes_to_other_endpoints() {
+    // kube-proxy keeps a client on its endpoint while that endpoint exists, whatever happens to the
+    // others. Slots are renumbered when an endpoint before it goes away: affinity must follow the
+    // backend, not the slot.
+    let mut bed = Bed::new();
+    let vip = sa([10, 96, 0, 30], 80);
+    let last = sa([10, 244, 1, 4], 8080);
+    // A client whose affine backend is the last endpoint (slot 2 of 3).
+    let client = (1..=250u8)
+        .map(|i| SocketAddrV4::new(Ipv4Addr::new(10, 244, 3, i), 40_000))
+        .find(|c| inspect(&bed.run(PROG_FROM_POD, &packets::tcp(*c, vip, true, false, &[])).1).dst == last)
+        .expect("a client affine to the last endpoint");
+    // The first endpoint goes away: the last one moves to slot 1.
+    let objects = OBJECTS.replace("  - {addresses: [10.244.1.2], nodeName: node-a, conditions: {ready: true}}\n", "");
+    assert_ne!(objects, OBJECTS);
+    bed.reprogram(&objects);
+    for port in 1..=20 {
+        let syn = packets::tcp(SocketAddrV4::new(*client.ip(), 40_000 + port), vip, true, false, &[]);
+        let out = bed.expect(
+            PROG_FROM_POD,
+            &syn,
+            TC_ACT_OK,
+            &[(STAT_FORWARD_DNAT, 1), (STAT_CT_NEW, 1), (STAT_AFFINITY_HIT, 1)],
+        );
+        assert_eq!(inspect(&out).dst, last, "the client was moved off its endpoint");
+    }
+    // Its own endpoint going away does move it.
+    bed.reprogram(&objects.replace("  - {addresses: [10.244.1.4], nodeName: node-a, conditions: {ready: true}}\n", ""));
+    let syn = packets::tcp(SocketAddrV4::new(*client.ip(), 41_000), vip, true, false, &[]);
+    assert_eq!(inspect(&bed.run(PROG_FROM_POD, &syn).1).dst, sa([10, 244, 1, 3], 8080));
 }
