@@ -84,6 +84,7 @@ pod!(
     sock::SockRevNatKey,
     sock::SockFlowKey,
     sock::SockFlow,
+    sock::SockPeer,
 );
 
 /// Asserts a map type's size at compile time (and so that no implicit padding crept in).

@@ -42,3 +42,16 @@ assert_size!(SockFlow, 16);
 
 /// Capacity of `SOCK_REV_NAT` and `SOCK_FLOWS` (LRU).
 pub const MAX_SOCK_ENTRIES: u32 = 262_144;
+
+/// Value of `SOCK_PEER` (socket-local storage, freed with the socket): a socket connect()ed to a
+/// Service address and sent to a backend instead. getpeername() names the Service while the socket's
+/// peer is that backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockPeer {
+    pub backend_addr: u32,
+    pub service_addr: u32,
+    pub backend_port: u16,
+    pub service_port: u16,
+}
+assert_size!(SockPeer, 12);

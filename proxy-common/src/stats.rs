@@ -78,6 +78,8 @@ counters! {
     /// tc: the only SNAT port left was one whose backend still holds it in TIME_WAIT against this
     /// SYN: the backend answers with an ACK, the client resets and retries (a second's delay).
     STAT_SNAT_REUSE_BACKEND_TIME_WAIT = 20 => "snat_port_reused_in_backend_time_wait";
+    /// socket LB: `--masquerade-all` and a pod's call: left to the tc path, which masquerades it.
+    STAT_SOCK_MASQUERADE_TO_TC = 21 => "sock_left_to_tc_to_masquerade";
 
     /// Drop: IPv4 header truncated or invalid (version, IHL, total length).
     STAT_DROP_MALFORMED_IPV4 = 32 => "drop_malformed_ipv4";

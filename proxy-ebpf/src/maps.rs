@@ -3,14 +3,14 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use proxy_common::{
     Affinity, AffinityKey, Backend, BackendSlotKey, CT_RECENT_SLOTS, CtEntry, CtKey, CtRecentCursor, CtReply, Frontend,
     FrontendKey, MAX_AFFINITY, MAX_BACKEND_MEMBERS, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS,
     MAX_NODE_ADDRS, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, MAX_SOURCE_RANGES, MemberKey, NodeAddr, NodeConfig,
-    RejectBudget, RevNat, STAT_MAX, ServiceAddr, SockFlow, SockFlowKey, SockRevNatKey, SourceRangeKey,
+    RejectBudget, RevNat, STAT_MAX, ServiceAddr, SockFlow, SockFlowKey, SockPeer, SockRevNatKey, SourceRangeKey,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -70,3 +70,7 @@ pub static STATS: PerCpuArray<u64, { STAT_MAX as usize }> = PerCpuArray::new();
 /// The node's budget of REJECT answers.
 #[btf_map]
 pub static REJECT_BUDGET: Array<RejectBudget, 1> = Array::new();
+
+/// Per socket translated at connect(): the Service it asked for (getpeername).
+#[btf_map]
+pub static SOCK_PEER: SkStorage<SockPeer> = SkStorage::new();

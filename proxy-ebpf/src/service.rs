@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    BACKEND_F_LOCAL, CT_F_SNAT, CtEntry, CtKey, FRONTEND_F_CLUSTER_IP, FRONTEND_F_HAS_ENDPOINTS,
+    BACKEND_F_LOCAL, CT_F_SNAT, CtEntry, CtKey, FRONTEND_F_ETP_LOCAL, FRONTEND_F_EXTERNAL, FRONTEND_F_HAS_ENDPOINTS,
     FRONTEND_F_SOURCE_RANGES, Frontend, NODE_F_MASQUERADE_ALL, NodeConfig, SERVICE_ADDR_F_CLUSTER_IP, STAT_CT_NEW,
     STAT_DROP_CT_FULL, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_NOT_CONFIGURED, STAT_DROP_REWRITE,
     STAT_DROP_SOURCE_RANGE, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_REVERSE_NAT, STAT_SNAT,
@@ -181,8 +181,10 @@ fn from_outside(cfg: Option<&NodeConfig>, side: Side, saddr: u32) -> bool {
 }
 
 /// Whether the connection's source must be translated to the node address: whenever the backend's
-/// reply would otherwise not come back through this node, or could not be routed at all; and for
-/// ClusterIP traffic with `--masquerade-all` (which, as in kube-proxy, marks only ClusterIP traffic).
+/// reply would otherwise not come back through this node, or could not be routed at all; and, with
+/// `--masquerade-all`, every Service connection, as kube-proxy marks every path then — except the
+/// external path of an externalTrafficPolicy Local address for pods and outside clients, whose
+/// source kube-proxy keeps even so.
 #[inline(always)]
 fn needs_snat(
     cfg: Option<&NodeConfig>,
@@ -192,7 +194,11 @@ fn needs_snat(
     backend_addr: u32,
     backend_flags: u8,
 ) -> bool {
-    (fe.flags & FRONTEND_F_CLUSTER_IP != 0 && cfg.is_some_and(|c| c.flags & NODE_F_MASQUERADE_ALL != 0))
+    let keeps_source = fe.flags & FRONTEND_F_EXTERNAL != 0
+        && fe.flags & FRONTEND_F_ETP_LOCAL != 0
+        && !node::is_node_addr(pkt.saddr)
+        && !node::is_loopback(pkt.saddr);
+    (cfg.is_some_and(|c| c.flags & NODE_F_MASQUERADE_ALL != 0) && !keeps_source)
         // Hairpin: the pod would answer itself directly.
         || backend_addr == pkt.saddr
         || node::is_loopback(pkt.saddr)

@@ -10,14 +10,15 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    Backend, CT_LIFETIME_OTHER_NS, FRONTEND_F_HAS_ENDPOINTS, FRONTEND_F_SOURCE_RANGES, Frontend, PROTO_TCP, PROTO_UDP,
-    RevNat, STAT_SOCK_CONNECT, STAT_SOCK_NO_ENDPOINTS, STAT_SOCK_REJECT, STAT_SOCK_REV_NAT, STAT_SOCK_SENDMSG,
-    STAT_SOCK_UDP_CONNECT_TO_TC, SockFlow, SockFlowKey, SockRevNatKey,
+    Backend, CT_LIFETIME_OTHER_NS, FRONTEND_F_HAS_ENDPOINTS, FRONTEND_F_SOURCE_RANGES, Frontend, NODE_F_MASQUERADE_ALL,
+    PROTO_TCP, PROTO_UDP, RevNat, STAT_SOCK_CONNECT, STAT_SOCK_MASQUERADE_TO_TC, STAT_SOCK_NO_ENDPOINTS,
+    STAT_SOCK_REJECT, STAT_SOCK_REV_NAT, STAT_SOCK_SENDMSG, STAT_SOCK_UDP_CONNECT_TO_TC, SockFlow, SockFlowKey,
+    SockPeer, SockRevNatKey,
 };
 
 use crate::{
     lb,
-    maps::{SOCK_FLOWS, SOCK_REV_NAT},
+    maps::{SOCK_FLOWS, SOCK_PEER, SOCK_REV_NAT},
     node, stats,
 };
 
@@ -33,6 +34,8 @@ enum Choice {
     /// Leave the address alone; the tc path sees the packets and applies the policy that needs the
     /// packet's source (source ranges) or drops them (Local policy without local endpoints).
     Untranslated,
+    /// Leave it to the tc path, which masquerades (`--masquerade-all`).
+    Masquerade,
 }
 
 /// Chooses a backend for a call from this node (a pod or the node itself: the cluster-wide set unless
@@ -44,6 +47,11 @@ fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Choice {
     }
     if fe.flags & FRONTEND_F_SOURCE_RANGES != 0 {
         return Choice::Untranslated;
+    }
+    // --masquerade-all: a pod's connection must reach its backend from the node's address, which only
+    // the tc path can give it. (The node's own sockets already have a node address.)
+    if node::config().is_some_and(|c| c.flags & NODE_F_MASQUERADE_ALL != 0) && !in_host_netns(ctx) {
+        return Choice::Masquerade;
     }
     let set = lb::backend_set(fe, false);
     if set.count == 0 {
@@ -59,13 +67,15 @@ fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Choice {
 /// Counts a call left to the tc path or refused, and returns the program's answer.
 #[inline(always)]
 fn not_translated(choice: &Choice) -> i32 {
-    if let Choice::Refuse = choice {
-        stats::count(STAT_SOCK_REJECT);
-        REFUSE
-    } else {
-        stats::count(STAT_SOCK_NO_ENDPOINTS);
-        ALLOW
+    match choice {
+        Choice::Refuse => {
+            stats::count(STAT_SOCK_REJECT);
+            return REFUSE;
+        }
+        Choice::Masquerade => stats::count(STAT_SOCK_MASQUERADE_TO_TC),
+        _ => stats::count(STAT_SOCK_NO_ENDPOINTS),
     }
+    ALLOW
 }
 
 /// The destination of the call, if it is a TCP or UDP Service frontend.
@@ -128,6 +138,14 @@ pub fn connect(ctx: &SockAddrContext) -> i32 {
     if proto == PROTO_UDP {
         record_rev_nat(cookie(ctx), &be, addr, port);
     }
+    // The socket's peer is now the backend; getpeername() must keep naming the Service. Kept with
+    // the socket itself, so it lives exactly as long (a map keyed by cookie would need cleaning).
+    let mut peer = SockPeer { backend_addr: be.addr, service_addr: addr, backend_port: be.port, service_port: port };
+    let stored = SOCK_PEER.get_or_insert_ptr_mut(ctx, Some(&mut peer));
+    if !stored.is_null() {
+        // An existing storage (the socket connected before) gets the new translation.
+        unsafe { *stored = peer };
+    }
     redirect(sa, &be);
     stats::count(STAT_SOCK_CONNECT);
     ALLOW
@@ -173,6 +191,16 @@ pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
 /// recvmsg4 / getpeername4: report the Service address instead of the backend's.
 pub fn reverse(ctx: &SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
+    let peer = SOCK_PEER.get_ptr_mut(ctx);
+    if !peer.is_null() {
+        let peer = unsafe { *peer };
+        if sa.user_ip4 == peer.backend_addr && sa.user_port as u16 == peer.backend_port {
+            sa.user_ip4 = peer.service_addr;
+            sa.user_port = peer.service_port as u32;
+            stats::count(STAT_SOCK_REV_NAT);
+            return ALLOW;
+        }
+    }
     let key = SockRevNatKey { cookie: cookie(ctx), addr: sa.user_ip4, port: sa.user_port as u16, _pad: 0 };
     if let Some(orig) = SOCK_REV_NAT.get_ptr(&key) {
         let orig = unsafe { *orig };

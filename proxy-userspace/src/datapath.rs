@@ -37,7 +37,7 @@ pub const TC_PROGRAMS: [&str; 2] = [PROG_FROM_POD, PROG_FROM_NETDEV];
 /// The benchmarks' baseline (never attached).
 pub const PROG_BASELINE: &str = "parse_only";
 pub const SOCK_PROGRAMS: [&str; 4] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];
-pub const MAP_NAMES: [&str; 17] = [
+pub const MAP_NAMES: [&str; 18] = [
     "FRONTENDS",
     "BACKEND_SLOTS",
     "BACKENDS",
@@ -55,6 +55,7 @@ pub const MAP_NAMES: [&str; 17] = [
     "SOCK_FLOWS",
     "STATS",
     "REJECT_BUDGET",
+    "SOCK_PEER",
 ];
 
 /// How the maps are created.

@@ -240,13 +240,15 @@ pub fn frontend_addresses(sp: &ServicePort, node: &NodeContext) -> Vec<(Ipv4Addr
     out
 }
 
-/// loadBalancerSourceRanges of one LB frontend. As kube-proxy: when a range contains a node address,
-/// traffic from the node and from the LB IPs themselves (a VIP looped back by the node) is allowed too.
+/// loadBalancerSourceRanges of one LB frontend. As kube-proxy: when a range contains the primary node
+/// address, traffic from the LB IPs themselves (a VIP held by the node loops back with itself as
+/// source) is allowed too. Other node addresses get no such pass.
 fn source_ranges(sp: &ServicePort, node: &NodeContext, service_id: u32) -> Vec<SourceRange> {
     let mut nets = sp.policy.source_ranges.clone();
-    if nets.iter().any(|n| node.addresses.iter().any(|a| n.contains(a))) {
-        let hosts = node.addresses.iter().chain(&sp.policy.load_balancer_ips);
-        nets.extend(hosts.map(|a| Ipv4Net::from(*a)));
+    if let Some(primary) = node.addresses.first()
+        && nets.iter().any(|n| n.contains(primary))
+    {
+        nets.extend(sp.policy.load_balancer_ips.iter().map(|a| Ipv4Net::from(*a)));
     }
     nets.iter()
         .map(|n| {

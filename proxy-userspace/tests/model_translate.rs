@@ -325,11 +325,25 @@ fn load_balancer_ips_source_ranges_and_proxy_mode_ingress() {
         .filter(|(_, k)| u32::from_be(k.service_id_be) == lb.service_id)
         .map(|(len, k)| (len - 32, proxy_common::addr_from_map(k.addr)))
         .collect();
-    // The two ranges; a range holds a node address, so both node addresses and the LB IP are allowed.
-    assert_eq!(ranges.len(), 5, "{ranges:?}");
-    for want in [(25, [203, 0, 113, 0]), (24, [192, 168, 0, 0]), (32, [192, 168, 1, 2]), (32, [198, 51, 100, 9])] {
+    // The two ranges; a range holds the primary node address, so, as kube-proxy does, the LB IP is
+    // allowed too (a VIP held by the node loops back with itself as source). The node's secondary
+    // address is in no range: not allowed.
+    assert_eq!(ranges.len(), 3, "{ranges:?}");
+    for want in [(25, [203, 0, 113, 0]), (24, [192, 168, 0, 0]), (32, [198, 51, 100, 9])] {
         assert!(ranges.contains(&want), "{want:?} missing from {ranges:?}");
     }
+    // A range holding only the secondary node address lets neither the node nor the LB IP in.
+    let yaml = yaml.replace("\" 192.168.0.0/24\"", "192.168.1.0/24");
+    let m = model::build(&objects(&yaml), &ModelOptions::default());
+    let (d, _) = translate::translate(&m, &node(&m), &mut Ids::default());
+    let lb = d.frontends[&fe([198, 51, 100, 9], 80, PROTO_TCP)];
+    let ranges: Vec<(u32, [u8; 4])> = d
+        .source_ranges
+        .keys()
+        .filter(|(_, k)| u32::from_be(k.service_id_be) == lb.service_id)
+        .map(|(len, k)| (len - 32, proxy_common::addr_from_map(k.addr)))
+        .collect();
+    assert_eq!(ranges, [(24, [192, 168, 1, 0]), (25, [203, 0, 113, 0])], "only the ranges themselves");
 }
 
 #[test]

@@ -168,10 +168,14 @@ fn a_pod_reaches_itself_through_its_service_hairpin() {
     )
     .unwrap();
     c.start_proxies(&proxy_binary(), LbMode::Socket, &[]).unwrap();
-    for in_cgroup in [false, true] {
+    // The tc path masquerades to the node's address (the pod would otherwise answer itself from its
+    // own address); the socket path connects the pod to itself directly and keeps its source, where
+    // kube-proxy would masquerade — the reply never leaves the pod, nothing to restore.
+    for (in_cgroup, seen) in [(false, node_ip(0)), (true, me)] {
         let body = c.nodes[0].curl("pod-0", in_cgroup, "http://10.96.0.40/").expect("hairpin");
         assert_eq!(answered_by(&body), Some("pod-0"), "in cgroup: {in_cgroup}");
         println!("hairpin (socket LB {in_cgroup}): nginx saw {}", client_seen(&body).unwrap());
+        assert!(client_seen(&body).unwrap().starts_with(&format!("{seen}:")), "{body}");
     }
     for node in &mut c.nodes {
         node.stop_proxy().unwrap();
@@ -420,6 +424,72 @@ fn udp_clients_keep_working_after_their_backend_is_replaced() {
     }
     assert!(c.nodes[0].proxy_log_text().contains("purged UDP flows"), "{}", c.nodes[0].proxy_log_text());
     drop(clients);
+    for node in &mut c.nodes {
+        node.stop_proxy().unwrap();
+    }
+}
+
+/// The address the backend saw for a request, without the port.
+fn seen_ip(body: &str) -> Ipv4Addr {
+    client_seen(body).and_then(|c| c.split(':').next()).and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("{body}"))
+}
+
+#[test]
+fn masquerade_only_where_the_reply_needs_it_and_everywhere_with_masquerade_all() {
+    // Where kube-proxy masquerades but the reply comes back through this node anyway, ebpf-proxy keeps
+    // the client's address (tests/kube_proxy_flows says why, case by case); with --masquerade-all
+    // every path masquerades, as the operator asked. What the backends saw, on a live node.
+    let (a, b) = (node_name(0), node_name(1));
+    let mut c = Cluster::new(2, 1).expect("cluster");
+    for node in &mut c.nodes {
+        node.pods[0].start_nginx().unwrap();
+    }
+    let (local, remote, pod) = (pod_ip(&c, 0, 0), pod_ip(&c, 1, 0), pod_ip(&c, 0, 0));
+    let objects = [
+        service(
+            "web",
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.60\n  externalIPs: [198.51.100.40]\n  ports: [{name: p, port: 80, nodePort: 30090}]",
+            "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.41}]\n",
+            80,
+            "TCP",
+            &[ready(remote, &b)],
+        ),
+        service(
+            "here",
+            "  type: NodePort\n  clusterIP: 10.96.0.61\n  ports: [{name: p, port: 80, nodePort: 30091}]",
+            "",
+            80,
+            "TCP",
+            &[ready(local, &a)],
+        ),
+    ];
+    c.write_objects("svc.yaml", &objects.concat()).unwrap();
+    let from_pod =
+        |c: &Cluster, in_cgroup: bool, url: &str| seen_ip(&c.nodes[0].curl("pod-0", in_cgroup, url).expect(url));
+    let from_outside =
+        |c: &Cluster| seen_ip(&c.ext_curl(EXT_CLIENT, &format!("http://{}:30091/", node_ip(0)), "3").unwrap());
+    let pod_paths = ["http://192.168.0.2:30090/", "http://198.51.100.41/", "http://198.51.100.40/"];
+
+    c.start_proxies(&proxy_binary(), LbMode::Socket, &[]).unwrap();
+    for url in pod_paths {
+        // pod → NodePort, LB IP, externalIP with the backend on the other node: kube-proxy masquerades;
+        // the reply returns through node-a anyway, so the pod's address is kept.
+        assert_eq!(from_pod(&c, false, url), pod, "{url}");
+    }
+    // External client → a backend on the node it came in on: kept (kube-proxy masquerades).
+    assert_eq!(from_outside(&c), EXT_CLIENT);
+    for node in &mut c.nodes {
+        node.stop_proxy().unwrap();
+    }
+
+    c.start_proxies(&proxy_binary(), LbMode::Socket, &["--masquerade-all"]).unwrap();
+    for url in pod_paths.into_iter().chain(["http://10.96.0.60/"]) {
+        assert_eq!(from_pod(&c, false, url), node_ip(0), "--masquerade-all, tc path: {url}");
+        // The socket path hands a pod's connection to the tc path, which masquerades it.
+        assert_eq!(from_pod(&c, true, url), node_ip(0), "--masquerade-all, socket path: {url}");
+    }
+    assert_eq!(from_outside(&c), node_ip(0), "--masquerade-all, external client");
+    assert!(stat(&c, 0, proxy_common::STAT_SOCK_MASQUERADE_TO_TC) >= 4);
     for node in &mut c.nodes {
         node.stop_proxy().unwrap();
     }

@@ -61,6 +61,11 @@ fn socket_lb_reaches_every_backend() {
     let stats = node.stats().unwrap();
     assert_eq!(stats[STAT_SOCK_CONNECT as usize], 30, "{stats:?}");
     assert_eq!(stats[STAT_FORWARD_DNAT as usize], 0, "{stats:?}");
+    // The application still sees the Service as its peer (getpeername), as with kube-proxy's DNAT.
+    let out =
+        run(&mut node.pod_command("client", true, env!("CARGO_BIN_EXE_sockname"), &["tcp", &format!("{VIP}:80")]))
+            .expect("sockname");
+    assert_eq!(out.trim(), format!("peer={VIP}:80"), "a socket-LB connection names its backend as peer");
     node.stop_proxy().unwrap();
 }
 

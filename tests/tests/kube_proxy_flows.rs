@@ -46,7 +46,38 @@ struct Case {
     proto: String,
     src: Ipv4Addr,
     dst: SocketAddrV4,
+    /// kube-proxy's own verdict for the packet, verbatim from the Go test.
+    #[serde(rename = "kubeProxy")]
+    kube_proxy: KubeProxy,
     expect: Expect,
+    /// Why `expect` is not kube-proxy's answer, where it is not.
+    #[serde(default)]
+    differs: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct KubeProxy {
+    output: String,
+    masq: bool,
+}
+
+impl KubeProxy {
+    /// kube-proxy's answer in the terms of `expect`: no rule matched (`""`) or ACCEPT is a pass; DROP
+    /// and REJECT are themselves; a list of endpoints is a forward to each, masqueraded or not.
+    fn as_expect(&self) -> Expect {
+        match self.output.as_str() {
+            "" | "ACCEPT" => Expect { verdict: "pass".into(), backends: vec![] },
+            "DROP" => Expect { verdict: "drop".into(), backends: vec![] },
+            "REJECT" => Expect { verdict: "reject".into(), backends: vec![] },
+            list => Expect {
+                verdict: "forward".into(),
+                backends: list
+                    .split(", ")
+                    .map(|addr| ExpectBackend { addr: addr.trim().into(), masq: self.masq })
+                    .collect(),
+            },
+        }
+    }
 }
 
 #[derive(Deserialize, Debug, PartialEq)]
@@ -60,6 +91,13 @@ struct Expect {
 struct ExpectBackend {
     addr: String,
     masq: bool,
+}
+
+/// An expectation with its backends in a fixed order.
+fn normalized(e: &Expect) -> (String, Vec<(String, bool)>) {
+    let mut b: Vec<(String, bool)> = e.backends.iter().map(|b| (b.addr.clone(), b.masq)).collect();
+    b.sort();
+    (e.verdict.clone(), b)
 }
 
 fn flow_files(test: &str) -> Vec<PathBuf> {
@@ -100,6 +138,24 @@ fn run_flows(test: &str) -> usize {
         };
         let mut tdp = TraceDatapath::new(&objects, &node).expect("programming the datapath");
         for case in &flow.cases {
+            // The data says why wherever ebpf-proxy answers differently from kube-proxy, and only there:
+            // a changed expectation cannot pass silently, nor a stale reason linger.
+            let same_as_kube_proxy = normalized(&case.kube_proxy.as_expect()) == normalized(&case.expect);
+            match (&case.differs, same_as_kube_proxy) {
+                (None, false) => failures.push(format!(
+                    "{} / {}: expects {:?} where kube-proxy answers {:?}, with no `differs` reason",
+                    file.file_name().unwrap().to_string_lossy(),
+                    case.name,
+                    case.expect,
+                    case.kube_proxy.as_expect()
+                )),
+                (Some(why), true) => failures.push(format!(
+                    "{} / {}: answers as kube-proxy does, yet says it differs: {why}",
+                    file.file_name().unwrap().to_string_lossy(),
+                    case.name
+                )),
+                _ => {}
+            }
             let proto = match case.proto.as_str() {
                 "tcp" => TraceProto::Tcp,
                 "udp" => TraceProto::Udp,
