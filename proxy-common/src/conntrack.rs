@@ -92,8 +92,9 @@ pub struct CtEntry {
     pub backend_id: u32,
     /// The frontend's `service_id`.
     pub service_id: u32,
-    /// Interface replies from a pod on this node must arrive on (anti-spoofing); 0 when not known.
-    pub reply_ifindex: u32,
+    /// The interface the connection's first packet arrived on: a local pod's packets of this
+    /// connection must arrive there too.
+    pub orig_ifindex: u32,
     pub nat_port: u16,
     pub snat_port: u16,
     /// `CT_F_*` bits.
@@ -110,8 +111,12 @@ pub struct CtEntry {
     /// judges a new SYN on the same tuple by these.
     pub orig_end_seq: u32,
     pub orig_tsval: u32,
+    /// The interface the connection's first reply arrived on (0: none yet). A reply from a local
+    /// pod is accepted only there, and the first only when its source routes back through it.
+    pub reply_ifindex: u32,
+    pub _pad3: u32,
 }
-assert_size!(CtEntry, 56);
+assert_size!(CtEntry, 64);
 
 /// The connection's source is translated too (masquerade, hairpin, a remapped client port).
 pub const CT_F_SNAT: u16 = 1 << 0;

@@ -22,6 +22,7 @@ pub use sock::*;
 pub use stats::*;
 
 /// IP protocol numbers as carried in the IPv4 header.
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
@@ -76,6 +77,7 @@ pod!(
     node::NodeConfig,
     node::NodeAddr,
     node::RejectBudget,
+    node::PodIface,
     conntrack::CtKey,
     conntrack::CtEntry,
     conntrack::CtRecentCursor,

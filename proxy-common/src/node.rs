@@ -68,3 +68,17 @@ assert_size!(RejectBudget, 16);
 /// Answers per second and burst: the kernel's defaults for its own ICMP errors.
 pub const REJECT_PER_SEC: u64 = 1_000;
 pub const REJECT_BURST: u64 = 50;
+
+/// Value of `POD_IFACES`, keyed by the ifindex of a local pod's interface (its host side, where
+/// `from_pod` is attached; one pod per interface). Packets from there are the pod's own only when
+/// their source address routes back through that interface — or through `master_ifindex` (0: none),
+/// the bridge it is a port of, since bridged CNIs route every pod through the bridge.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodIface {
+    pub master_ifindex: u32,
+}
+assert_size!(PodIface, 4);
+
+/// Pod interfaces on one node (kubelet's default is 110 pods).
+pub const MAX_POD_IFACES: u32 = 4_096;

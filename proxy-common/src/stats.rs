@@ -80,6 +80,12 @@ counters! {
     STAT_SNAT_REUSE_BACKEND_TIME_WAIT = 20 => "snat_port_reused_in_backend_time_wait";
     /// socket LB: `--masquerade-all` and a pod's call: left to the tc path, which masquerades it.
     STAT_SOCK_MASQUERADE_TO_TC = 21 => "sock_left_to_tc_to_masquerade";
+    /// An ICMP error about a packet of a translated connection, translated back (quote, addresses,
+    /// checksums) for the end it goes to.
+    STAT_ICMP_ERROR_NAT = 22 => "icmp_error_translated";
+    /// A packet the datapath forwards itself did not fit the next hop's MTU: answered with ICMP
+    /// fragmentation needed (its DF bit set), as a router does.
+    STAT_FRAG_NEEDED = 23 => "frag_needed_sent";
 
     /// Drop: IPv4 header truncated or invalid (version, IHL, total length).
     STAT_DROP_MALFORMED_IPV4 = 32 => "drop_malformed_ipv4";
@@ -110,6 +116,18 @@ counters! {
     /// Drop: a REJECT answer over the node's budget (`REJECT_PER_SEC`, burst `REJECT_BURST`): the packet
     /// is dropped unanswered, as the kernel rate-limits its own ICMP errors.
     STAT_DROP_REJECT_RATE_LIMITED = 44 => "drop_reject_rate_limited";
+    /// Drop: Service traffic from a local pod with a source that is not the pod's: the address does not
+    /// route back through the interface it came from, or the connection it belongs to came in
+    /// elsewhere (a pod forging another client's address or connection).
+    STAT_DROP_POD_SOURCE_SPOOFED = 45 => "drop_pod_source_spoofed";
+    /// Drop: a packet from a local pod claiming to be a backend's reply, from an address that is not
+    /// the pod's, or on another interface than the connection's replies come in on (a pod injecting
+    /// into another connection, e.g. a masqueraded flow to a node port).
+    STAT_DROP_POD_REPLY_SPOOFED = 46 => "drop_pod_reply_spoofed";
+    /// Drop: a packet the datapath forwards itself does not fit the next hop's MTU and may not be
+    /// answered with fragmentation needed (DF clear: it would have to be fragmented, which the
+    /// datapath does not do after translation).
+    STAT_DROP_TOO_BIG = 47 => "drop_too_big";
 }
 
 /// Whether a counter records a drop.

@@ -22,7 +22,7 @@ use proxy_common::{
 use crate::{
     maps::{CONNTRACK, CT_RECENT, CT_RECENT_CURSOR, CT_REPLY},
     packet::Packet,
-    stats, tcp,
+    pod_source, stats, tcp,
 };
 
 const EEXIST: i32 = -17;
@@ -139,44 +139,49 @@ pub fn remove(orig: &CtKey, entry: &CtEntry) {
 
 /// The connection a packet in the original direction belongs to. A dead connection is removed; a
 /// SYN on a closed one (TIME_WAIT, reset) starts a new connection on the same tuple, as the
-/// kernel's conntrack reopens it.
+/// kernel's conntrack reopens it. A pod's packet that is not the pod's own is an error (see
+/// `pod_source`), found before it could move the connection's state.
 #[inline(always)]
-pub fn lookup_orig(ctx: &TcContext, pkt: &Packet, now: u64) -> Option<Conn> {
+pub fn lookup_orig(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<Option<Conn>, u32> {
     let orig = tuple(pkt);
-    let ptr = CONNTRACK.get_ptr_mut(&orig)?;
+    let Some(ptr) = CONNTRACK.get_ptr_mut(&orig) else { return Ok(None) };
     // SAFETY: a map value, valid for this program run.
     let entry = unsafe { &mut *ptr };
     if !ct_alive(entry, pkt.proto, now) {
         remove(&orig, entry);
-        return None;
+        return Ok(None);
     }
+    pod_source::check_orig(ctx, entry)?;
     if pkt.proto == PROTO_TCP && ct_reopens(entry, pkt.tcp_flags) {
         remove(&orig, entry);
         stats::count(STAT_CT_REOPEN);
-        return None;
+        return Ok(None);
     }
     account(ctx, entry, pkt, CT_DIR_ORIG, now);
-    Some(Conn { orig, entry: ptr })
+    Ok(Some(Conn { orig, entry: ptr }))
 }
 
-/// The connection a packet is a reply of (its tuple is a connection's reply tuple).
+/// The connection a packet is a reply of (its tuple is a connection's reply tuple). A pod's packet
+/// that is not the pod's own is an error, as in [`lookup_orig`].
 #[inline(always)]
-pub fn lookup_reply(ctx: &TcContext, pkt: &Packet, now: u64) -> Option<Conn> {
+pub fn lookup_reply(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<Option<Conn>, u32> {
     let reply = tuple(pkt);
-    let orig = unsafe { (*CT_REPLY.get_ptr(&reply)?).orig };
+    let Some(held) = CT_REPLY.get_ptr(&reply) else { return Ok(None) };
+    let orig = unsafe { (*held).orig };
     // Missing, or holding another reply tuple: a connection being created, or a leftover (which
     // the collector or the next claim removes).
-    let ptr = CONNTRACK.get_ptr_mut(&orig)?;
+    let Some(ptr) = CONNTRACK.get_ptr_mut(&orig) else { return Ok(None) };
     let entry = unsafe { &mut *ptr };
     if ct_reply_key(&orig, entry) != reply {
-        return None;
+        return Ok(None);
     }
     if !ct_alive(entry, pkt.proto, now) || (pkt.proto == PROTO_TCP && ct_superseded_by_reply(entry, pkt.tcp_flags)) {
         remove(&orig, entry);
-        return None;
+        return Ok(None);
     }
+    pod_source::check_reply(ctx, entry, pkt.saddr)?;
     account(ctx, entry, pkt, CT_DIR_REPLY, now);
-    Some(Conn { orig, entry: ptr })
+    Ok(Some(Conn { orig, entry: ptr }))
 }
 
 /// Who holds a reply tuple.

@@ -3,53 +3,100 @@
 //! an interface with a local source it is a "martian" and the kernel drops it (unless accept_local is
 //! set, which we do not want to require of a node). So such packets skip the input path: a FIB lookup
 //! for the rewritten addresses, then `bpf_redirect_neigh` to the next hop, which resolves the
-//! neighbour as the stack's own output would.
+//! neighbour as the stack's own output would. Skipping the stack also skips its MTU check, so the
+//! route tells whether the packet fits the egress device (GSO segments included).
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh,
+        __sk_buff, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup,
+        bpf_redir_neigh,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
 
 const AF_INET: u8 = 2;
 
-/// Sends the packet (already rewritten to `saddr` → `daddr`) towards `daddr` from the egress side.
-/// When the FIB has no forwarding answer (local destination, no route), the packet goes up the
-/// stack as usual.
+/// Where a packet leaving as `saddr → daddr` is forwarded.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Route {
+    /// 0: not forwarded by us — no forwarding answer (a local destination, no route) or not asked:
+    /// the packet goes up the stack.
+    pub ifindex: u32,
+    /// The next hop (the gateway, or the destination itself).
+    pub nexthop: u32,
+    /// The egress device's MTU when the packet does not fit it; 0 when it fits.
+    pub too_big_for_mtu: u32,
+    pub _pad: u32,
+}
+
+/// The route for the packet, once rewritten to `saddr → daddr`.
+#[inline(always)]
+pub fn route(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> Route {
+    let mut route = Route::default();
+    epx_route(ctx.as_ptr().cast(), u32::from(proto), saddr, daddr, &mut route);
+    route
+}
+
+/// Sends the packet (already rewritten) along `route`; up the stack when it has none.
+#[inline(always)]
+pub fn redirect(route: &Route) -> i32 {
+    if route.ifindex == 0 {
+        return TC_ACT_OK;
+    }
+    epx_redirect(route.ifindex, route.nexthop)
+}
+
+/// Sends a packet (already rewritten to `saddr` → `daddr`) towards `daddr` from the egress side,
+/// whatever its size (for the datapath's own small ICMP errors).
 #[inline(always)]
 pub fn redirect_as_node(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> i32 {
-    epx_redirect_as_node(ctx.as_ptr().cast(), u32::from(proto), saddr, daddr)
+    redirect(&route(ctx, proto, saddr, daddr))
 }
 
-/// [`redirect_as_node`] as a global BPF function: verified once, and the lookup's parameters live on
-/// its own stack, not on the caller's.
+/// [`route`] as a global BPF function: verified once, and the lookup's parameters live on its own
+/// stack, not on the caller's.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn epx_redirect_as_node(skb: *mut __sk_buff, proto: u32, saddr: u32, daddr: u32) -> i32 {
-    let Some(skb) = core::ptr::NonNull::new(skb) else { return TC_ACT_OK };
-    lookup_and_redirect(&TcContext::new(skb), proto as u8, saddr, daddr)
-}
-
-#[inline(always)]
-fn lookup_and_redirect(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> i32 {
-    // SAFETY: both are plain C structs for which all-zero is a valid value.
+pub extern "C" fn epx_route(skb: *mut __sk_buff, proto: u32, saddr: u32, daddr: u32, out: *mut Route) -> i32 {
+    let (Some(skb), Some(mut out)) = (core::ptr::NonNull::new(skb), core::ptr::NonNull::new(out)) else { return 0 };
+    // SAFETY: checked non-null; the caller's own stack value.
+    let out = unsafe { out.as_mut() };
+    let ctx = TcContext::new(skb);
+    // SAFETY: a plain C struct for which all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
-    params.l4_protocol = proto;
+    params.l4_protocol = proto as u8;
     params.ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
     params.__bindgen_anon_3.ipv4_src = saddr;
     params.__bindgen_anon_4.ipv4_dst = daddr;
-    // No flags: a plain route lookup (no source validation), MTU not checked (tot_len 0).
+    // A plain route lookup (no source validation); the MTU is checked below, GSO-aware.
     let rc = unsafe { fib_lookup(ctx.as_ptr(), &raw mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        return TC_ACT_OK;
+        return 0;
     }
-    // The lookup left the next hop (the gateway, or the destination itself) in ipv4_dst.
+    out.ifindex = params.ifindex;
+    // The lookup left the next hop in ipv4_dst.
+    out.nexthop = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    let mut mtu: u32 = 0;
+    let fits = unsafe { bpf_check_mtu(ctx.as_ptr(), params.ifindex, &raw mut mtu, 0, BPF_MTU_CHK_SEGS as u64) };
+    if fits != BPF_MTU_CHK_RET_SUCCESS as i64 {
+        out.too_big_for_mtu = mtu.max(1);
+    }
+    1
+}
+
+/// `bpf_redirect_neigh` to `nexthop` on `ifindex`, as a global function (its parameters on its own
+/// stack).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_redirect(ifindex: u32, nexthop: u32) -> i32 {
+    // SAFETY: a plain C struct for which all-zero is a valid value.
     let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
     nh.nh_family = u32::from(AF_INET);
-    nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
-    unsafe { bpf_redirect_neigh(params.ifindex, &raw mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32 }
+    nh.__bindgen_anon_1.ipv4_nh = nexthop;
+    unsafe { bpf_redirect_neigh(ifindex, &raw mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32 }
 }

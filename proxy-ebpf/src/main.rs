@@ -8,11 +8,13 @@
 
 mod conntrack;
 mod fib;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
 mod node;
 mod packet;
+mod pod_source;
 mod reject;
 mod sctp;
 mod service;

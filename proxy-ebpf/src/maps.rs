@@ -9,8 +9,9 @@ use aya_ebpf::{
 use proxy_common::{
     Affinity, AffinityKey, Backend, BackendSlotKey, CT_RECENT_SLOTS, CtEntry, CtKey, CtRecentCursor, CtReply, Frontend,
     FrontendKey, MAX_AFFINITY, MAX_BACKEND_MEMBERS, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS,
-    MAX_NODE_ADDRS, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, MAX_SOURCE_RANGES, MemberKey, NodeAddr, NodeConfig,
-    RejectBudget, RevNat, STAT_MAX, ServiceAddr, SockFlow, SockFlowKey, SockPeer, SockRevNatKey, SourceRangeKey,
+    MAX_NODE_ADDRS, MAX_POD_IFACES, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, MAX_SOURCE_RANGES, MemberKey, NodeAddr,
+    NodeConfig, PodIface, RejectBudget, RevNat, STAT_MAX, ServiceAddr, SockFlow, SockFlowKey, SockPeer, SockRevNatKey,
+    SourceRangeKey,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -38,6 +39,11 @@ pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
 
 #[btf_map]
 pub static NODE_ADDRS: HashMap<u32, NodeAddr, { MAX_NODE_ADDRS as usize }, NO_PREALLOC> = HashMap::new();
+
+/// The local pods' interfaces (where `from_pod` is attached). Not pinned: each instance registers
+/// the interfaces it attaches to, and its programs read its own.
+#[btf_map]
+pub static POD_IFACES: HashMap<u32, PodIface, { MAX_POD_IFACES as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITY as usize }> = LruHashMap::new();

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 use proxy_common::{
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, STAT_DROP_MALFORMED_IPV4, STAT_DROP_MALFORMED_L4, STAT_PASS_FRAGMENT,
+    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, STAT_DROP_MALFORMED_IPV4, STAT_DROP_MALFORMED_L4, STAT_PASS_FRAGMENT,
     STAT_PASS_MALFORMED_L4,
 };
 
@@ -38,8 +38,8 @@ pub struct Ipv4Hdr {
     pub daddr: u32,
 }
 
-/// What the datapath needs to know about an IPv4 TCP/UDP/SCTP packet. Addresses and ports in network
-/// byte order.
+/// What the datapath needs to know about an IPv4 TCP/UDP/SCTP packet, or an ICMP message (`proto`
+/// `PROTO_ICMP`, no ports: see `icmp`). Addresses and ports in network byte order.
 #[derive(Clone, Copy)]
 pub struct Packet {
     pub saddr: u32,
@@ -106,10 +106,27 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || tot_len < ihl || (ctx.len() as usize) < ETH_HLEN + tot_len {
         return Err(STAT_DROP_MALFORMED_IPV4);
     }
+    let frag_off = u16::from_be(ip.frag_off);
+    if ip.proto == PROTO_ICMP {
+        // An ICMP message is looked at whole (an error quotes the packet it is about); a fragment of
+        // one is not an error (errors are short) and passes.
+        if frag_off & (IP_MF | IP_OFFSET_MASK) != 0 {
+            return Ok(None);
+        }
+        return Ok(Some(Packet {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: 0,
+            dport: 0,
+            proto: PROTO_ICMP,
+            tcp_flags: 0,
+            l4_off: ETH_HLEN + ihl,
+            l4_end: ETH_HLEN + tot_len,
+        }));
+    }
     if !matches!(ip.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
         return Ok(None);
     }
-    let frag_off = u16::from_be(ip.frag_off);
     if frag_off & (IP_MF | IP_OFFSET_MASK) != 0 {
         // Later fragments carry no ports: a Service cannot be matched or translated consistently.
         return if is_service_addr(ip.daddr) {

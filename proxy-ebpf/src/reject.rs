@@ -1,6 +1,8 @@
 //! REJECT, as kube-proxy does it for Service ports without endpoints: the packet is turned into the
 //! answer in place — a TCP RST, or an ICMP port unreachable for UDP and SCTP — and sent back out of
-//! the interface it came in on, so the client fails at once instead of timing out.
+//! the interface it came in on, so the client fails at once instead of timing out. The same answer
+//! path sends ICMP fragmentation needed for packets too big for the next hop the datapath forwards
+//! them to.
 
 use aya_ebpf::{
     EbpfContext,
@@ -9,8 +11,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    PROTO_TCP, REJECT_BURST, REJECT_PER_SEC, STAT_DROP_NO_ENDPOINTS, STAT_DROP_REJECT_RATE_LIMITED, STAT_REJECT,
-    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    PROTO_TCP, REJECT_BURST, REJECT_PER_SEC, STAT_DROP_NO_ENDPOINTS, STAT_DROP_REJECT_RATE_LIMITED, STAT_DROP_TOO_BIG,
+    STAT_FRAG_NEEDED, STAT_REJECT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -23,6 +25,8 @@ const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const IP_DF: u16 = 0x4000;
 const IP_DF_BE: u16 = 0x4000u16.to_be();
 const REPLY_TTL: u8 = 64;
 
@@ -139,12 +143,15 @@ fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
     ctx.store(ETH_HLEN + size_of::<Ipv4Hdr>(), &tcp, 0)
 }
 
-/// An ICMP port unreachable quoting `pkt`'s IP header (without options) and first 8 L4 bytes.
+/// An ICMP destination unreachable (`code`; `mtu` for fragmentation needed) quoting `pkt`'s IP
+/// header (without options) and first 8 L4 bytes.
 #[inline(always)]
-fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
+fn icmp_unreachable(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<(), i64> {
     let mut icmp = IcmpUnreach {
         kind: ICMP_DEST_UNREACH,
-        code: ICMP_PORT_UNREACH,
+        code,
+        // RFC 1191: the next-hop MTU in the low half of the unused word.
+        unused: u32::from(mtu).to_be(),
         quote_ip: ctx.load(ETH_HLEN)?,
         quote_l4: ctx.load(pkt.l4_off)?,
         ..Default::default()
@@ -211,11 +218,46 @@ fn reject_in_place(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
         if pkt.l4_off != ETH_HLEN + size_of::<Ipv4Hdr>() {
             return Err(STAT_DROP_NO_ENDPOINTS);
         }
-        icmp_port_unreachable(ctx, pkt)
+        icmp_unreachable(ctx, pkt, ICMP_PORT_UNREACH, 0)
     };
     built.map_err(|_| STAT_DROP_NO_ENDPOINTS)?;
     stats::count(STAT_REJECT);
-    let ifindex = unsafe { (*(ctx.as_ptr() as *const aya_ebpf::bindings::__sk_buff)).ifindex };
-    unsafe { bpf_redirect(ifindex, 0) };
+    unsafe { bpf_redirect(crate::pod_source::ingress_ifindex(ctx), 0) };
+    Ok(TC_ACT_REDIRECT)
+}
+
+/// A packet the datapath forwards itself does not fit the next hop's `mtu`: with DF set it is
+/// answered with ICMP fragmentation needed (from the address it was sent to, quoting it as its
+/// sender sent it) back out of the interface it came in on, within the node's answer budget;
+/// otherwise dropped (it would need fragmenting).
+#[inline(always)]
+pub fn too_big(ctx: &TcContext, pkt: &Packet, mtu: u32) -> Result<i32, u32> {
+    verdict::decode(epx_too_big(ctx.as_ptr().cast(), pkt, mtu))
+}
+
+/// [`too_big`] as a global BPF function (verified once; the answer lives on its own stack).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_too_big(skb: *mut __sk_buff, pkt: *const Packet, mtu: u32) -> i32 {
+    let (Some(skb), false) = (core::ptr::NonNull::new(skb), pkt.is_null()) else {
+        return -(STAT_DROP_TOO_BIG as i32);
+    };
+    let ctx = TcContext::new(skb);
+    // SAFETY: checked non-null; the caller's own stack value.
+    verdict::encode(frag_needed(&ctx, unsafe { &*pkt }, mtu))
+}
+
+#[inline(always)]
+fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u32) -> Result<i32, u32> {
+    let frag_off: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| STAT_DROP_TOO_BIG)?;
+    if u16::from_be(frag_off) & IP_DF == 0 || pkt.l4_off != ETH_HLEN + size_of::<Ipv4Hdr>() {
+        return Err(STAT_DROP_TOO_BIG);
+    }
+    if !within_budget() {
+        return Err(STAT_DROP_REJECT_RATE_LIMITED);
+    }
+    icmp_unreachable(ctx, pkt, ICMP_FRAG_NEEDED, mtu.min(u32::from(u16::MAX)) as u16).map_err(|_| STAT_DROP_TOO_BIG)?;
+    stats::count(STAT_FRAG_NEEDED);
+    unsafe { bpf_redirect(crate::pod_source::ingress_ifindex(ctx), 0) };
     Ok(TC_ACT_REDIRECT)
 }

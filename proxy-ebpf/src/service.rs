@@ -13,20 +13,21 @@ use aya_ebpf::{
 };
 use proxy_common::{
     BACKEND_F_LOCAL, CT_F_SNAT, CtEntry, CtKey, FRONTEND_F_ETP_LOCAL, FRONTEND_F_EXTERNAL, FRONTEND_F_HAS_ENDPOINTS,
-    FRONTEND_F_SOURCE_RANGES, Frontend, NODE_F_MASQUERADE_ALL, NodeConfig, SERVICE_ADDR_F_CLUSTER_IP, STAT_CT_NEW,
-    STAT_DROP_CT_FULL, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_NOT_CONFIGURED, STAT_DROP_REWRITE,
-    STAT_DROP_SOURCE_RANGE, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_REVERSE_NAT, STAT_SNAT,
-    STAT_SOURCE_PORT_REMAP, ct_initial, ct_reply_key,
+    FRONTEND_F_SOURCE_RANGES, Frontend, NODE_F_MASQUERADE_ALL, NodeConfig, PROTO_ICMP, SERVICE_ADDR_F_CLUSTER_IP,
+    STAT_CT_NEW, STAT_DROP_CT_FULL, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_NOT_CONFIGURED,
+    STAT_DROP_REWRITE, STAT_DROP_SOURCE_RANGE, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_REVERSE_NAT,
+    STAT_SNAT, STAT_SOURCE_PORT_REMAP, ct_initial, ct_reply_key,
 };
 
 use crate::{
     conntrack::{self, Conn, Holder},
-    fib, lb,
+    fib::{self, Route},
+    icmp, lb,
     maps::SERVICE_ADDRS,
     nat::{self, End},
     node,
     packet::{self, Packet},
-    reject, snat, stats, tcp, verdict,
+    pod_source, reject, snat, stats, tcp, verdict,
 };
 
 /// Where the program is attached.
@@ -44,6 +45,9 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
     let Some(pkt) = packet::parse(ctx)? else {
         return Ok(TC_ACT_OK);
     };
+    if pkt.proto == PROTO_ICMP {
+        return icmp::handle(ctx, &pkt);
+    }
     // Each step is a global BPF function: verified once, on its own, with its own stack frame, so
     // the paths of one do not multiply the paths of the next.
     let skb = ctx.as_ptr().cast();
@@ -79,8 +83,9 @@ pub extern "C" fn epx_reply(skb: *mut __sk_buff, pkt: *const Packet) -> i32 {
     let (Some(skb), false) = (NonNull::new(skb), pkt.is_null()) else { return verdict::NEXT };
     let (ctx, pkt) = (TcContext::new(skb), unsafe { &*pkt });
     match conntrack::lookup_reply(&ctx, pkt, conntrack::now_ns()) {
-        Some(conn) => verdict::encode(reverse(&ctx, pkt, &conn)),
-        None => verdict::NEXT,
+        Ok(Some(conn)) => verdict::encode(reverse(&ctx, pkt, &conn)),
+        Ok(None) => verdict::NEXT,
+        Err(reason) => verdict::encode(Err(reason)),
     }
 }
 
@@ -101,13 +106,16 @@ fn to_service(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
     let Some(fe) = lb::frontend(pkt.daddr, pkt.dport, pkt.proto) else {
         return not_a_frontend(ctx, &pkt);
     };
-    let conn = match conntrack::lookup_orig(ctx, &pkt, now) {
+    let conn = match conntrack::lookup_orig(ctx, &pkt, now)? {
         Some(conn) if conn.entry().service_id == fe.service_id => conn,
         other => {
             // The address and port now belong to another frontend: the old connection is over.
             if let Some(conn) = other {
                 conntrack::remove(&conn.orig, conn.entry());
             }
+            // Neither a connection nor an answer in a name a pod forged (checked here, in this
+            // function's frame: the new connection's and the answer's frames are deep already).
+            pod_source::check_new(ctx, &pkt)?;
             if fe.flags & FRONTEND_F_HAS_ENDPOINTS == 0 {
                 return reject::reject(ctx, &pkt);
             }
@@ -121,16 +129,22 @@ fn to_service(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
 /// address if the connection has one.
 #[inline(always)]
 fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> Result<i32, u32> {
+    let snat = entry.flags & CT_F_SNAT != 0;
+    // Masqueraded to a node address: forwarded by us, not the input path (no route: up the stack).
+    let route = if snat && node::is_node_addr(entry.snat_addr) {
+        fib::route(ctx, pkt.proto, entry.snat_addr, entry.nat_addr)
+    } else {
+        Route::default()
+    };
+    if route.too_big_for_mtu != 0 {
+        return reject::too_big(ctx, pkt, route.too_big_for_mtu);
+    }
     nat::rewrite(ctx, pkt, End::Destination, entry.nat_addr, entry.nat_port)?;
     stats::count(STAT_FORWARD_DNAT);
-    if entry.flags & CT_F_SNAT != 0 {
+    if snat {
         nat::rewrite(ctx, pkt, End::Source, entry.snat_addr, entry.snat_port)?;
-        // Masqueraded to a node address: forwarded by us, not the input path.
-        if node::is_node_addr(entry.snat_addr) {
-            return Ok(fib::redirect_as_node(ctx, pkt.proto, entry.snat_addr, entry.nat_addr));
-        }
     }
-    Ok(TC_ACT_OK)
+    Ok(fib::redirect(&route))
 }
 
 /// A reply of a tracked connection: from the Service address the client used, and to the client's
@@ -138,18 +152,21 @@ fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> Result<i32, u32> {
 #[inline(always)]
 fn reverse(ctx: &TcContext, pkt: &Packet, conn: &Conn) -> Result<i32, u32> {
     let orig = &conn.orig;
+    let snat = conn.entry().flags & CT_F_SNAT != 0;
+    let daddr = if snat { orig.saddr } else { pkt.daddr };
+    // A NodePort's reply comes from a node address once restored: forwarded by us, not the input
+    // path.
+    let route =
+        if node::is_node_addr(orig.daddr) { fib::route(ctx, pkt.proto, orig.daddr, daddr) } else { Route::default() };
+    if route.too_big_for_mtu != 0 {
+        return reject::too_big(ctx, pkt, route.too_big_for_mtu);
+    }
     nat::rewrite(ctx, pkt, End::Source, orig.daddr, orig.dport)?;
-    let mut daddr = pkt.daddr;
-    if conn.entry().flags & CT_F_SNAT != 0 {
+    if snat {
         nat::rewrite(ctx, pkt, End::Destination, orig.saddr, orig.sport)?;
-        daddr = orig.saddr;
     }
     stats::count(STAT_REVERSE_NAT);
-    // A NodePort's reply now comes from a node address: forwarded by us, not the input path.
-    if node::is_node_addr(orig.daddr) {
-        return Ok(fib::redirect_as_node(ctx, pkt.proto, orig.daddr, daddr));
-    }
-    Ok(TC_ACT_OK)
+    Ok(fib::redirect(&route))
 }
 
 /// A packet to no frontend: a wrong port on a ClusterIP is rejected and an unallocated address in the
@@ -158,6 +175,7 @@ fn reverse(ctx: &TcContext, pkt: &Packet, conn: &Conn) -> Result<i32, u32> {
 fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
     if let Some(sa) = SERVICE_ADDRS.get_ptr(&pkt.daddr) {
         if unsafe { (*sa).flags } & SERVICE_ADDR_F_CLUSTER_IP != 0 {
+            pod_source::check_new(ctx, pkt)?;
             return reject::reject(ctx, pkt);
         }
         return Ok(TC_ACT_OK);
@@ -264,6 +282,7 @@ fn new_connection(ctx: &TcContext, pkt: &Packet, fe: &Frontend, side: Side, now:
         service_id: fe.service_id,
         state: ct_initial(pkt.proto, pkt.tcp_flags),
         tcp_flags_orig: pkt.tcp_flags,
+        orig_ifindex: pod_source::ingress_ifindex(ctx),
         ..CtEntry::default()
     };
     if needs_snat(cfg.as_ref(), side, pkt, fe, be.addr, be.flags) {

@@ -19,7 +19,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use proxy_common::{NODE_F_CONFIGURED, NodeConfig, STAT_MAX, SourceRangeKey};
+use proxy_common::{NODE_F_CONFIGURED, NodeConfig, PodIface, STAT_MAX, SourceRangeKey};
 
 use crate::{
     conntrack::ConntrackMaps,
@@ -258,6 +258,20 @@ impl Datapath {
         if let Some((_, path)) = self.tc_links.remove(&ifindex) {
             let _ = fs::remove_file(path);
         }
+        if let Ok(mut ifaces) = self.pod_ifaces() {
+            let _ = ifaces.remove(&ifindex);
+        }
+    }
+
+    /// Registers a local pod's interface (and the bridge it is a port of, 0 if none): its packets are
+    /// then held to the pod's own source address.
+    pub fn set_pod_interface(&mut self, ifindex: u32, master_ifindex: u32) -> Result<()> {
+        self.pod_ifaces()?.insert(&ifindex, &PodIface { master_ifindex }, 0).context("writing POD_IFACES")
+    }
+
+    fn pod_ifaces(&mut self) -> Result<HashMap<&mut MapData, u32, PodIface>> {
+        let map = self.ebpf.map_mut("POD_IFACES").ok_or_else(|| anyhow!("map POD_IFACES missing"))?;
+        Ok(HashMap::try_from(map)?)
     }
 
     /// Interfaces a tc program is attached to.

@@ -19,10 +19,21 @@ const RTMGRP_LINK: u32 = 1;
 /// A change to the set of interfaces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {
-    /// An interface exists (it may have been reported before).
-    Present { index: u32, name: String },
+    /// An interface exists (it may have been reported before, with another master).
+    Present { index: u32, name: String, master: u32 },
     /// An interface is gone.
     Gone { index: u32, name: String },
+}
+
+/// The interface's master (the bridge or bond it is a port of), 0 when none.
+fn master_of(msg: &LinkMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Controller(index) => Some(*index),
+            _ => None,
+        })
+        .unwrap_or(0)
 }
 
 fn name_of(msg: &LinkMessage) -> Option<String> {
@@ -41,7 +52,7 @@ pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
     let mut dump = handle.link().get().execute();
     while let Some(msg) = dump.try_next().await.context("listing interfaces")? {
         if let Some(name) = name_of(&msg) {
-            let event = LinkEvent::Present { index: msg.header.index, name };
+            let event = LinkEvent::Present { index: msg.header.index, name, master: master_of(&msg) };
             if tx.send(event).await.is_err() {
                 return Ok(());
             }
@@ -50,7 +61,8 @@ pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
     while let Some((msg, _)) = messages.next().await {
         let event = match msg.payload {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                name_of(&link).map(|name| LinkEvent::Present { index: link.header.index, name })
+                let master = master_of(&link);
+                name_of(&link).map(|name| LinkEvent::Present { index: link.header.index, name, master })
             }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
                 Some(LinkEvent::Gone { index: link.header.index, name: name_of(&link).unwrap_or_default() })

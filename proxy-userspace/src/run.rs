@@ -357,8 +357,16 @@ impl Proxy {
 
     fn on_link(&mut self, event: LinkEvent, args: &RunArgs) {
         match event {
-            LinkEvent::Present { index, name } => {
+            LinkEvent::Present { index, name, master } => {
                 let Some(prog) = tc_program_for(args, &name) else { return };
+                // Registered before the program is attached, and again whenever the interface
+                // changes (a CNI makes the pod's interface a bridge port after creating it).
+                if prog == datapath::PROG_FROM_POD
+                    && let Err(e) = self.dp.set_pod_interface(index, master)
+                {
+                    log::error!("registering pod interface {name}: {e:#}");
+                    return;
+                }
                 if self.dp.attached_interfaces().contains(&index) {
                     return;
                 }

@@ -141,3 +141,15 @@ pub fn send_syns(
     unsafe { libc::close(fd) };
     result
 }
+
+/// One datagram to `to` on a connected UDP socket from the calling thread's namespace, and the
+/// answer: `Err` with `ConnectionRefused` when an ICMP port unreachable about it came back.
+pub fn udp_exchange(to: SocketAddrV4) -> std::io::Result<Vec<u8>> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(to)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.send(b"probe")?;
+    let mut buf = [0u8; 1500];
+    let n = s.recv(&mut buf)?;
+    Ok(buf[..n].to_vec())
+}

@@ -63,7 +63,59 @@ pub struct Seen {
 
 /// Parses a frame and verifies its IPv4 and TCP/UDP checksums from scratch.
 pub fn inspect(frame: &[u8]) -> Seen {
+    seen(SlicedPacket::from_ethernet(frame).expect("parse frame"))
+}
+
+/// As [`inspect`], for an IP packet without Ethernet header (an ICMP error's quote).
+pub fn inspect_ip(packet: &[u8]) -> Seen {
+    seen(SlicedPacket::from_ip(packet).expect("parse packet"))
+}
+
+/// An ICMP error frame from `src` to `dst`, quoting `quoted` (an IP packet; see [`ip_of`]).
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: etherparse::Icmpv4Type, quoted: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4(kind)
+        .write(&mut out, quoted)
+        .expect("build icmp");
+    out
+}
+
+/// The IP packet inside a frame (what an ICMP error quotes).
+pub fn ip_of(frame: &[u8]) -> &[u8] {
+    &frame[IP_OFF..]
+}
+
+/// An ICMP error as parsed from a frame: its addresses, whether its checksums (outer IP, ICMP) are
+/// valid, and its quote with the quote's own checksums checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IcmpSeen {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub icmp_type: etherparse::Icmpv4Type,
+    pub checksums_ok: bool,
+    pub quote: Seen,
+}
+
+pub fn inspect_icmp(frame: &[u8]) -> IcmpSeen {
     let sliced = SlicedPacket::from_ethernet(frame).expect("parse frame");
+    let Some(NetSlice::Ipv4(ip)) = &sliced.net else { panic!("not IPv4") };
+    let header = ip.header().to_header();
+    let Some(TransportSlice::Icmpv4(icmp)) = &sliced.transport else { panic!("not ICMP: {:?}", sliced.transport) };
+    let icmp_type = icmp.icmp_type();
+    let checksums_ok = header.calc_header_checksum() == header.header_checksum
+        && icmp_type.calc_checksum(icmp.payload()) == icmp.checksum();
+    IcmpSeen {
+        src: Ipv4Addr::from(header.source),
+        dst: Ipv4Addr::from(header.destination),
+        icmp_type,
+        checksums_ok,
+        quote: inspect_ip(icmp.payload()),
+    }
+}
+
+fn seen(sliced: SlicedPacket<'_>) -> Seen {
     let Some(NetSlice::Ipv4(ip)) = sliced.net else { panic!("not IPv4") };
     let header = ip.header().to_header();
     let ip_checksum_ok = header.calc_header_checksum() == header.header_checksum;

@@ -86,8 +86,17 @@ impl ProgBed {
 
     /// Runs a frame; asserts the action and exactly which counters moved (with how much).
     pub fn expect(&self, prog: &str, frame: &[u8], action: u32, moved: &[(u32, u64)]) -> Vec<u8> {
+        self.expect_run(|| self.run(prog, frame), action, moved)
+    }
+
+    /// As [`Self::expect`], for a frame arriving on interface `ifindex`.
+    pub fn expect_on(&self, prog: &str, ifindex: u32, frame: &[u8], action: u32, moved: &[(u32, u64)]) -> Vec<u8> {
+        self.expect_run(|| self.run_with(prog, frame, &SkbContext { ifindex, ..Default::default() }), action, moved)
+    }
+
+    fn expect_run(&self, run: impl FnOnce() -> (u32, Vec<u8>), action: u32, moved: &[(u32, u64)]) -> Vec<u8> {
         let before = self.stats();
-        let (ret, out) = self.run(prog, frame);
+        let (ret, out) = run();
         let after = self.stats();
         let changed: Vec<(u32, u64)> =
             (0..before.len()).filter(|&i| after[i] != before[i]).map(|i| (i as u32, after[i] - before[i])).collect();
@@ -104,6 +113,51 @@ impl ProgBed {
             e.created_ns = e.created_ns.saturating_sub(secs * 1_000_000_000);
             ct.insert(&orig, &e).unwrap();
         }
+    }
+}
+
+impl ProgBed {
+    /// Creates a local pod's interface in the bed's namespace: a veth `name` (host side, up) with a
+    /// route to `pod_route` through it — or, with `bridge`, enslaved to that bridge (created if
+    /// missing), which then carries the route, as bridged CNIs do. Registers it as `run` does when it
+    /// attaches `from_pod`, and returns its ifindex for [`SkbContext::ifindex`]. Forwarding is turned
+    /// on ([`Self::enable_forwarding`]).
+    pub fn add_pod_interface(&mut self, name: &str, pod_route: &str, bridge: Option<&str>) -> u32 {
+        let ip = |args: &[&str]| self.ip(args);
+        self.enable_forwarding();
+        ip(&["link", "add", name, "type", "veth", "peer", "name", &format!("{name}-pod")]);
+        ip(&["link", "set", name, "up"]);
+        ip(&["link", "set", &format!("{name}-pod"), "up"]);
+        let master = match bridge {
+            Some(br) => {
+                if nix::net::if_::if_nametoindex(br).is_err() {
+                    ip(&["link", "add", br, "type", "bridge"]);
+                    ip(&["link", "set", br, "up"]);
+                    ip(&["route", "add", pod_route, "dev", br]);
+                }
+                ip(&["link", "set", name, "master", br]);
+                nix::net::if_::if_nametoindex(br).expect("bridge ifindex")
+            }
+            None => {
+                ip(&["route", "add", pod_route, "dev", name]);
+                0
+            }
+        };
+        let ifindex = nix::net::if_::if_nametoindex(name).expect("ifindex");
+        self.tdp.dp.set_pod_interface(ifindex, master).expect("register the pod interface");
+        ifindex
+    }
+
+    /// Runs `ip` in the bed's namespace (the calling thread's: a child process inherits it).
+    pub fn ip(&self, args: &[&str]) {
+        let out = std::process::Command::new("ip").args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Turns forwarding on in the bed's namespace, as on any node: the FIB answers for a router only.
+    pub fn enable_forwarding(&self) {
+        let out = std::process::Command::new("sysctl").args(["-qw", "net.ipv4.conf.all.forwarding=1"]).output();
+        assert!(out.is_ok_and(|o| o.status.success()), "sysctl net.ipv4.conf.all.forwarding=1");
     }
 }
 

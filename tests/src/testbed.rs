@@ -227,7 +227,8 @@ impl Pod {
              http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  \
              fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  \
              keepalive_timeout 300s;\n  keepalive_requests 100000;\n  \
-             server {{\n    listen 80;\n    location / {{ default_type text/plain; return 200 \"pod={name} server=$server_addr client=$remote_addr:$remote_port\\n\"; }}\n  }}\n}}\n",
+             server {{\n    listen 80;\n    location / {{ default_type text/plain; return 200 \"pod={name} server=$server_addr client=$remote_addr:$remote_port\\n\"; }}\n    \
+             location = /bulk {{ default_type application/octet-stream; alias {dir}/bulk; }}\n  }}\n}}\n",
             dir = self.dir.display(),
             name = self.name
         );
@@ -244,6 +245,12 @@ impl Pod {
 }
 
 impl Pod {
+    /// Makes nginx serve `bytes` bytes at `/bulk` (bulk transfers).
+    pub fn serve_bulk(&self, bytes: usize) -> Result<()> {
+        fs::write(self.dir.join("bulk"), vec![0x5a; bytes])?;
+        Ok(())
+    }
+
     /// Stops the pod's nginx (a deleted pod's server going away).
     pub fn stop_nginx(&mut self) {
         self.nginx.take();
