@@ -558,3 +558,30 @@ mod tests {
         assert_eq!(default_conntrack_max(8), 262_144);
     }
 }
+
+/// Key of `FRAGMENTS`: one fragmented datagram as its fragments arrive (RFC 791's reassembly key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// The IP identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+assert_size!(FragKey, 12);
+
+/// Value of `FRAGMENTS`: the ports the datagram's first fragment carried (later fragments carry
+/// none), network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+assert_size!(FragPorts, 4);
+
+/// Datagrams in flight in fragments whose translation is remembered (an LRU: a datagram whose entry
+/// is displaced loses its later fragments, as one whose fragment is lost).
+pub const MAX_FRAGMENTS: u32 = 8_192;

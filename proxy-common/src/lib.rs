@@ -83,6 +83,8 @@ pod!(
     conntrack::CtRecentCursor,
     conntrack::CtReply,
     conntrack::CtClosedEnd,
+    conntrack::FragKey,
+    conntrack::FragPorts,
     sock::SockRevNatKey,
     sock::SockFlowKey,
     sock::SockFlow,

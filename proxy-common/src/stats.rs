@@ -40,7 +40,7 @@ counters! {
     STAT_SOCK_SENDMSG = 4 => "sock_sendmsg";
     /// socket LB: recvmsg()/getpeername() reported the Service address instead of the backend's.
     STAT_SOCK_REV_NAT = 5 => "sock_reverse_nat";
-    /// A fragment that is not to a Service address passed untouched (not translatable, not ours).
+    /// A later fragment of a datagram the datapath did not translate passed untouched (not ours).
     STAT_PASS_FRAGMENT = 6 => "pass_fragment";
     /// A truncated L4 header not to a Service address passed untouched (the kernel judges it).
     STAT_PASS_MALFORMED_L4 = 7 => "pass_malformed_l4";
@@ -86,12 +86,16 @@ counters! {
     /// A packet the datapath forwards itself did not fit the next hop's MTU: answered with ICMP
     /// fragmentation needed (its DF bit set), as a router does.
     STAT_FRAG_NEEDED = 23 => "frag_needed_sent";
+    /// A later fragment of a translated datagram, translated as its first fragment was.
+    STAT_FRAGMENT_NAT = 24 => "fragment_translated";
 
     /// Drop: IPv4 header truncated or invalid (version, IHL, total length).
     STAT_DROP_MALFORMED_IPV4 = 32 => "drop_malformed_ipv4";
     /// Drop: TCP/UDP header truncated on a packet to a Service address.
     STAT_DROP_MALFORMED_L4 = 33 => "drop_malformed_l4";
-    /// Drop: IP fragment to a Service address that cannot be translated.
+    /// Drop: an IP fragment to a Service address that cannot be translated: a later fragment whose
+    /// first was not seen (lost, reordered, or its entry displaced), one opening no connection, or
+    /// SCTP (its checksum covers the whole datagram).
     STAT_DROP_FRAGMENT = 34 => "drop_fragment";
     /// Drop: the Service port has no usable endpoints and the packet cannot be answered (e.g. a TCP RST,
     /// an ICMP error, or IP options in the way of the ICMP quote).

@@ -21,7 +21,7 @@ use proxy_common::{
 
 use crate::{
     maps::{CONNTRACK, CT_RECENT, CT_RECENT_CURSOR, CT_REPLY},
-    packet::Packet,
+    packet::{FRAG_LATER, Packet},
     pod_source, stats, tcp,
 };
 
@@ -70,6 +70,7 @@ fn account(ctx: &TcContext, entry: &mut CtEntry, pkt: &Packet, dir: u8, now: u64
         entry.flags = flags;
     }
     if pkt.proto == PROTO_TCP
+        && pkt.frag != FRAG_LATER
         && ((dir == CT_DIR_ORIG && ct_closing(state)) || (dir == CT_DIR_REPLY && pkt.tcp_flags & TCP_FIN != 0))
     {
         epx_note_close(ctx.as_ptr().cast(), pkt, entry, u32::from(dir));

@@ -7,11 +7,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Affinity, AffinityKey, Backend, BackendSlotKey, CT_RECENT_SLOTS, CtEntry, CtKey, CtRecentCursor, CtReply, Frontend,
-    FrontendKey, MAX_AFFINITY, MAX_BACKEND_MEMBERS, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS,
-    MAX_NODE_ADDRS, MAX_POD_IFACES, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES, MAX_SOURCE_RANGES, MemberKey, NodeAddr,
-    NodeConfig, PodIface, RejectBudget, RevNat, STAT_MAX, ServiceAddr, SockFlow, SockFlowKey, SockPeer, SockRevNatKey,
-    SourceRangeKey,
+    Affinity, AffinityKey, Backend, BackendSlotKey, CT_RECENT_SLOTS, CtEntry, CtKey, CtRecentCursor, CtReply, FragKey,
+    FragPorts, Frontend, FrontendKey, MAX_AFFINITY, MAX_BACKEND_MEMBERS, MAX_BACKEND_SLOTS, MAX_BACKENDS,
+    MAX_CONNTRACK, MAX_FRAGMENTS, MAX_FRONTENDS, MAX_NODE_ADDRS, MAX_POD_IFACES, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES,
+    MAX_SOURCE_RANGES, MemberKey, NodeAddr, NodeConfig, PodIface, RejectBudget, RevNat, STAT_MAX, ServiceAddr,
+    SockFlow, SockFlowKey, SockPeer, SockRevNatKey, SourceRangeKey,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -63,6 +63,10 @@ pub static CT_RECENT: Array<CtKey, { CT_RECENT_SLOTS as usize }> = Array::new();
 /// Where `CT_RECENT` is written next and searched from.
 #[btf_map]
 pub static CT_RECENT_CURSOR: Array<CtRecentCursor, 1> = Array::new();
+
+/// Datagrams in fragments: the ports of their first fragment, for the rest.
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { MAX_FRAGMENTS as usize }> = LruHashMap::new();
 
 #[btf_map]
 pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, RevNat, { MAX_SOCK_ENTRIES as usize }> = LruHashMap::new();

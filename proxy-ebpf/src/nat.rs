@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use proxy_common::{PROTO_SCTP, PROTO_UDP, STAT_DROP_REWRITE};
 
-use crate::packet::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet};
+use crate::packet::{FRAG_LATER, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -64,7 +64,8 @@ fn rewrite_in_place(ctx: &TcContext, pkt: &Packet, end: End, addr: u32, port: u1
         ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, addr as u64, 4).map_err(|_| STAT_DROP_REWRITE)?;
         ctx.store(addr_off, &addr, 0).map_err(|_| STAT_DROP_REWRITE)?;
     }
-    if old_port != port {
+    // A later fragment has no ports: its datagram's were rewritten in the first fragment.
+    if old_port != port && pkt.frag != FRAG_LATER {
         ctx.store(port_off, &port, 0).map_err(|_| STAT_DROP_REWRITE)?;
         if pkt.proto == PROTO_SCTP {
             crate::sctp::update_checksum(ctx, pkt)?;

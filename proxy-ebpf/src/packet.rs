@@ -3,11 +3,11 @@
 
 use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 use proxy_common::{
-    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, STAT_DROP_MALFORMED_IPV4, STAT_DROP_MALFORMED_L4, STAT_PASS_FRAGMENT,
-    STAT_PASS_MALFORMED_L4,
+    FragKey, FragPorts, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, STAT_DROP_FRAGMENT, STAT_DROP_MALFORMED_IPV4,
+    STAT_DROP_MALFORMED_L4, STAT_PASS_FRAGMENT, STAT_PASS_MALFORMED_L4,
 };
 
-use crate::maps::SERVICE_ADDRS;
+use crate::maps::{FRAGMENTS, SERVICE_ADDRS};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -47,19 +47,36 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// TCP flag byte (0 for other protocols).
+    /// TCP flag byte (0 for other protocols, and for a later fragment).
     pub tcp_flags: u8,
-    /// Offset of the L4 header from the start of the frame.
+    /// `FRAG_*`: whether the packet is a fragment, and which.
+    pub frag: u8,
+    /// The IP identification (network byte order): with the addresses and protocol, what ties a
+    /// datagram's fragments together.
+    pub ip_id: u16,
+    /// Offset of the L4 header from the start of the frame (of the payload, in a later fragment,
+    /// which has no L4 header).
     pub l4_off: usize,
     /// Offset of the end of the IP packet: the frame may be longer (a NIC pads short frames to 60
     /// bytes), and nothing after this is part of the packet.
     pub l4_end: usize,
 }
 
+/// Not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// The first fragment of a datagram: it carries the L4 header.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment: payload only; its ports are the first fragment's (`FRAGMENTS`).
+pub const FRAG_LATER: u8 = 2;
+
 impl Packet {
-    /// Offset of the L4 checksum, if the protocol has one that covers addresses and ports.
+    /// Offset of the L4 checksum, if the protocol has one that covers addresses and ports and the
+    /// packet carries it (a later fragment does not: the first fragment's covers the datagram).
     #[inline(always)]
     pub fn l4_csum_off(&self) -> Option<usize> {
+        if self.frag == FRAG_LATER {
+            return None;
+        }
         match self.proto {
             PROTO_TCP => Some(self.l4_off + 16),
             PROTO_UDP => Some(self.l4_off + 6),
@@ -120,6 +137,8 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
             dport: 0,
             proto: PROTO_ICMP,
             tcp_flags: 0,
+            frag: FRAG_NONE,
+            ip_id: ip.id,
             l4_off: ETH_HLEN + ihl,
             l4_end: ETH_HLEN + tot_len,
         }));
@@ -127,16 +146,21 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
     if !matches!(ip.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
         return Ok(None);
     }
-    if frag_off & (IP_MF | IP_OFFSET_MASK) != 0 {
-        // Later fragments carry no ports: a Service cannot be matched or translated consistently.
-        return if is_service_addr(ip.daddr) {
-            Err(proxy_common::STAT_DROP_FRAGMENT)
+    let l4_off = ETH_HLEN + ihl;
+    if frag_off & IP_OFFSET_MASK != 0 {
+        return later_fragment(&ip, l4_off, ETH_HLEN + tot_len);
+    }
+    let frag = if frag_off & IP_MF != 0 { FRAG_FIRST } else { FRAG_NONE };
+    // SCTP's CRC32c covers the whole datagram: a first fragment's cannot be updated alone.
+    if frag == FRAG_FIRST && ip.proto == PROTO_SCTP {
+        let dport: u16 = ctx.load(l4_off + 2).unwrap_or(0);
+        return if is_service_addr(ip.daddr) || crate::lb::frontend(ip.daddr, dport, ip.proto).is_some() {
+            Err(STAT_DROP_FRAGMENT)
         } else {
             crate::stats::count(STAT_PASS_FRAGMENT);
             Ok(None)
         };
     }
-    let l4_off = ETH_HLEN + ihl;
     let l4_len = tot_len - ihl;
     let min_len = match ip.proto {
         PROTO_TCP => TCP_MIN_HLEN,
@@ -165,7 +189,49 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
         dport: ports[1],
         proto: ip.proto,
         tcp_flags,
+        frag,
+        ip_id: ip.id,
         l4_off,
         l4_end: ETH_HLEN + tot_len,
     }))
+}
+
+/// A later fragment: it carries no ports, so it takes those its datagram's first fragment had, if
+/// that one was translated (`FRAGMENTS`); otherwise it is not the datapath's — unless it is to a
+/// Service address, which only a translation may reach.
+#[inline(always)]
+fn later_fragment(ip: &Ipv4Hdr, l4_off: usize, l4_end: usize) -> Result<Option<Packet>, u32> {
+    let key = FragKey { saddr: ip.saddr, daddr: ip.daddr, id: ip.id, proto: ip.proto, _pad: 0 };
+    let Some(ports) = FRAGMENTS.get_ptr(&key) else {
+        return if is_service_addr(ip.daddr) {
+            Err(STAT_DROP_FRAGMENT)
+        } else {
+            crate::stats::count(STAT_PASS_FRAGMENT);
+            Ok(None)
+        };
+    };
+    // SAFETY: a map value, valid for this program run.
+    let ports = unsafe { *ports };
+    Ok(Some(Packet {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: ports.sport,
+        dport: ports.dport,
+        proto: ip.proto,
+        tcp_flags: 0,
+        frag: FRAG_LATER,
+        ip_id: ip.id,
+        l4_off,
+        l4_end,
+    }))
+}
+
+/// Remembers a translated first fragment's ports for the rest of its datagram. A global BPF function:
+/// the key lives on its own stack, not on the program's.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_remember_fragment(pkt: *const Packet) -> i32 {
+    let Some(pkt) = (unsafe { pkt.as_ref() }) else { return 0 };
+    let key = FragKey { saddr: pkt.saddr, daddr: pkt.daddr, id: pkt.ip_id, proto: pkt.proto, _pad: 0 };
+    i32::from(FRAGMENTS.insert(&key, &FragPorts { sport: pkt.sport, dport: pkt.dport }, 0).is_ok())
 }

@@ -14,9 +14,10 @@ use aya_ebpf::{
 use proxy_common::{
     BACKEND_F_LOCAL, CT_F_SNAT, CtEntry, CtKey, FRONTEND_F_ETP_LOCAL, FRONTEND_F_EXTERNAL, FRONTEND_F_HAS_ENDPOINTS,
     FRONTEND_F_SOURCE_RANGES, Frontend, NODE_F_MASQUERADE_ALL, NodeConfig, PROTO_ICMP, SERVICE_ADDR_F_CLUSTER_IP,
-    STAT_CT_NEW, STAT_DROP_CT_FULL, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_NOT_CONFIGURED,
-    STAT_DROP_REWRITE, STAT_DROP_SOURCE_RANGE, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_REVERSE_NAT,
-    STAT_SNAT, STAT_SOURCE_PORT_REMAP, ct_initial, ct_reply_key,
+    STAT_CT_NEW, STAT_DROP_CT_FULL, STAT_DROP_FRAGMENT, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINTS,
+    STAT_DROP_NOT_CONFIGURED, STAT_DROP_REWRITE, STAT_DROP_SOURCE_RANGE, STAT_DROP_UNALLOCATED_SERVICE_IP,
+    STAT_FORWARD_DNAT, STAT_FRAGMENT_NAT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SOURCE_PORT_REMAP, ct_initial,
+    ct_reply_key,
 };
 
 use crate::{
@@ -26,7 +27,7 @@ use crate::{
     maps::SERVICE_ADDRS,
     nat::{self, End},
     node,
-    packet::{self, Packet},
+    packet::{self, FRAG_FIRST, FRAG_LATER, Packet},
     pod_source, reject, snat, stats, tcp, verdict,
 };
 
@@ -53,9 +54,17 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
     let skb = ctx.as_ptr().cast();
     let reply = epx_reply(skb, &pkt);
     if reply != verdict::NEXT {
+        if pkt.frag == FRAG_FIRST && reply >= 0 {
+            packet::epx_remember_fragment(&pkt);
+        }
         return verdict::decode(reply);
     }
     let outcome = epx_service(skb, &pkt);
+    // A first fragment translated (or answered) as a frontend's: its datagram's other fragments
+    // follow it.
+    if pkt.frag == FRAG_FIRST && outcome >= 0 && SERVICE_ADDRS.get_ptr(&pkt.daddr).is_some() {
+        packet::epx_remember_fragment(&pkt);
+    }
     if outcome != verdict::NEW_CONNECTION {
         return verdict::decode(outcome);
     }
@@ -70,7 +79,12 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
     match created {
         0 => match epx_service(skb, &pkt) {
             verdict::NEW_CONNECTION => Err(STAT_DROP_CT_FULL),
-            outcome => verdict::decode(outcome),
+            outcome => {
+                if pkt.frag == FRAG_FIRST && outcome >= 0 {
+                    packet::epx_remember_fragment(&pkt);
+                }
+                verdict::decode(outcome)
+            }
         },
         reason => Err(reason as u32),
     }
@@ -113,6 +127,10 @@ fn to_service(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
             if let Some(conn) = other {
                 conntrack::remove(&conn.orig, conn.entry());
             }
+            // The rest of a datagram never opens a connection (nor draws an answer).
+            if pkt.frag == FRAG_LATER {
+                return Err(STAT_DROP_FRAGMENT);
+            }
             // Neither a connection nor an answer in a name a pod forged (checked here, in this
             // function's frame: the new connection's and the answer's frames are deep already).
             pod_source::check_new(ctx, &pkt)?;
@@ -140,7 +158,7 @@ fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> Result<i32, u32> {
         return reject::too_big(ctx, pkt, route.too_big_for_mtu);
     }
     nat::rewrite(ctx, pkt, End::Destination, entry.nat_addr, entry.nat_port)?;
-    stats::count(STAT_FORWARD_DNAT);
+    stats::count(if pkt.frag == FRAG_LATER { STAT_FRAGMENT_NAT } else { STAT_FORWARD_DNAT });
     if snat {
         nat::rewrite(ctx, pkt, End::Source, entry.snat_addr, entry.snat_port)?;
     }
@@ -165,7 +183,7 @@ fn reverse(ctx: &TcContext, pkt: &Packet, conn: &Conn) -> Result<i32, u32> {
     if snat {
         nat::rewrite(ctx, pkt, End::Destination, orig.saddr, orig.sport)?;
     }
-    stats::count(STAT_REVERSE_NAT);
+    stats::count(if pkt.frag == FRAG_LATER { STAT_FRAGMENT_NAT } else { STAT_REVERSE_NAT });
     Ok(fib::redirect(&route))
 }
 

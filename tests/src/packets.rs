@@ -167,3 +167,49 @@ pub fn tcp_ts(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u3
         .expect("build tcp");
     out
 }
+
+/// Splits a frame's IP datagram into fragments of at most `max_payload` payload bytes each (a
+/// multiple of 8), as a sender's IP layer does: MF on all but the last, offsets in 8-byte units,
+/// the identification `id`, valid header checksums.
+pub fn fragments(frame: &[u8], max_payload: usize, id: u16) -> Vec<Vec<u8>> {
+    assert_eq!(max_payload % 8, 0);
+    let ihl = usize::from(frame[IP_OFF] & 0x0f) * 4;
+    let (head, payload) = frame.split_at(IP_OFF + ihl);
+    let chunks: Vec<&[u8]> = payload.chunks(max_payload).collect();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut f = [head, chunk].concat();
+            let tot_len = (ihl + chunk.len()) as u16;
+            f[IP_OFF + 2..IP_OFF + 4].copy_from_slice(&tot_len.to_be_bytes());
+            f[IP_OFF + 4..IP_OFF + 6].copy_from_slice(&id.to_be_bytes());
+            let more = if i + 1 < chunks.len() { 0x2000 } else { 0 };
+            let flags = more | (i * max_payload / 8) as u16;
+            f[IP_OFF + 6..IP_OFF + 8].copy_from_slice(&flags.to_be_bytes());
+            fix_ip_checksum(&mut f);
+            f
+        })
+        .collect()
+}
+
+/// Reassembles fragments (as [`fragments`] made them, translated or not) into one frame whose
+/// checksums [`inspect`] can verify over the whole datagram. Every fragment must carry the first's
+/// addresses.
+pub fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+    let ihl = usize::from(frags[0][IP_OFF] & 0x0f) * 4;
+    let mut sorted: Vec<&Vec<u8>> = frags.iter().collect();
+    sorted.sort_by_key(|f| u16::from_be_bytes([f[IP_OFF + 6], f[IP_OFF + 7]]) & 0x1fff);
+    for f in &sorted {
+        assert_eq!(f[IP_OFF + 12..IP_OFF + 20], sorted[0][IP_OFF + 12..IP_OFF + 20], "fragments' addresses differ");
+    }
+    let mut out = sorted[0][..IP_OFF + ihl].to_vec();
+    for f in &sorted {
+        out.extend_from_slice(&f[IP_OFF + ihl..]);
+    }
+    let tot_len = (out.len() - IP_OFF) as u16;
+    out[IP_OFF + 2..IP_OFF + 4].copy_from_slice(&tot_len.to_be_bytes());
+    out[IP_OFF + 6..IP_OFF + 8].fill(0);
+    fix_ip_checksum(&mut out);
+    out
+}

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::{STAT_CT_NEW, STAT_FORWARD_DNAT, STAT_REVERSE_NAT, STAT_SOCK_CONNECT};
+use proxy_common::{STAT_CT_NEW, STAT_FORWARD_DNAT, STAT_FRAGMENT_NAT, STAT_REVERSE_NAT, STAT_SOCK_CONNECT};
 use tests::{
     client::{connect_in, keepalive_request},
     proxy_binary,
@@ -147,6 +147,30 @@ fn udp_request_response_through_cluster_ip_socket_lb() {
     assert_eq!(udp_ask(&node, true, true, 5).len(), 1, "connected socket talks to one backend");
     let reached: BTreeSet<_> = (0..20).flat_map(|_| udp_ask(&node, true, false, 1)).collect();
     assert_eq!(reached, all_backends(2));
+    node.stop_proxy().unwrap();
+}
+
+#[test]
+fn a_4000_byte_udp_question_and_answer_cross_a_cluster_ip_on_both_paths() {
+    // MTU 1500 everywhere: both datagrams travel as three IP fragments (as a large DNS answer over
+    // UDP with EDNS does).
+    let (mut node, _servers) = udp_node(LbMode::Socket);
+    let echo = env!("CARGO_BIN_EXE_udp-echo");
+    for in_cgroup in [false, true] {
+        let vip = format!("{UDP_VIP}:53");
+        let args = ["ask", vip.as_str(), "3", "bytes=4000"];
+        let out = run(&mut node.pod_command("client", in_cgroup, echo, &args))
+            .unwrap_or_else(|e| panic!("in_cgroup={in_cgroup}: no answer to a 4,000-byte question: {e:#}"));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        for l in lines {
+            assert!(l.starts_with(&format!("from={UDP_VIP}:53 ")) && l.contains(" bytes=4000 "), "{l}");
+        }
+    }
+    // The tc path translated the later fragments as their first (the socket path's datagrams carry
+    // the backend's address from the start).
+    let stats = node.stats().unwrap();
+    assert!(stats[STAT_FRAGMENT_NAT as usize] >= 12, "{stats:?}");
     node.stop_proxy().unwrap();
 }
 
