@@ -3,6 +3,7 @@
 pub mod apiserver;
 pub mod client;
 pub mod cluster;
+pub mod fuzz;
 pub mod k8s;
 pub mod packets;
 pub mod progbed;

@@ -52,7 +52,7 @@ impl ProgBed {
         let mut out = vec![0u8; frame.len() + 256];
         let r = prog
             .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
-            .expect("test_run");
+            .unwrap_or_else(|e| panic!("test_run of {} bytes {frame:02x?}: {e}", frame.len()));
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }

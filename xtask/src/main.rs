@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask <build-ebpf|build|run|demo|test|bench>`.
+//! Developer tasks: `cargo xtask <build-ebpf|build|run|demo|test|fuzz|bench>`.
 
 use std::{
     path::{Path, PathBuf},
@@ -37,6 +37,14 @@ enum Task {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run the datapath fuzzer (tests/src/fuzz.rs) for as long as asked; `cargo xtask test` runs it
+    /// with the defaults.
+    Fuzz {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000_000)]
+        count: u64,
     },
     /// Run the benchmarks (release builds) and write BENCHMARKS.md.
     Bench {
@@ -182,6 +190,13 @@ fn main() -> Result<()> {
                 bail!("the tests load BPF programs and create network namespaces: run `cargo xtask test` as root");
             }
             run_tests(&mut c)
+        }
+        Task::Fuzz { seed, count } => {
+            build(true, &["tests"], true)?;
+            privileged(
+                &target_dir(true).join("fuzz"),
+                &["--seed".into(), seed.to_string(), "--count".into(), count.to_string()],
+            )
         }
         Task::Bench { quick, only } => {
             build(true, &["proxy-userspace", "tests"], true)?;
