@@ -163,9 +163,10 @@ pub fn lookup_orig(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<Option<Con
 }
 
 /// The connection a packet is a reply of (its tuple is a connection's reply tuple). A pod's packet
-/// that is not the pod's own is an error, as in [`lookup_orig`].
+/// that is not the pod's own is an error, as in [`lookup_orig`]; the node's own (`from_node`) are
+/// trusted.
 #[inline(always)]
-pub fn lookup_reply(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<Option<Conn>, u32> {
+pub fn lookup_reply(ctx: &TcContext, pkt: &Packet, now: u64, from_node: bool) -> Result<Option<Conn>, u32> {
     let reply = tuple(pkt);
     let Some(held) = CT_REPLY.get_ptr(&reply) else { return Ok(None) };
     let orig = unsafe { (*held).orig };
@@ -180,7 +181,9 @@ pub fn lookup_reply(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<Option<Co
         remove(&orig, entry);
         return Ok(None);
     }
-    pod_source::check_reply(ctx, entry, pkt.saddr)?;
+    if !from_node {
+        pod_source::check_reply(ctx, entry, pkt.saddr)?;
+    }
     account(ctx, entry, pkt, CT_DIR_REPLY, now);
     Ok(Some(Conn { orig, entry: ptr }))
 }

@@ -9,15 +9,18 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        __sk_buff, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
         bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS, bpf_fib_lookup,
         bpf_redir_neigh,
     },
-    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
 };
 
+use crate::packet::ETH_HLEN;
+
 const AF_INET: u8 = 2;
+const ETH_P_IP: u16 = 0x0800;
 
 /// Where a packet leaving as `saddr → daddr` is forwarded.
 #[repr(C)]
@@ -41,20 +44,21 @@ pub fn route(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> Route {
     route
 }
 
-/// Sends the packet (already rewritten) along `route`; up the stack when it has none.
+/// Sends the packet (already rewritten; its IP header at `l3_off`) along `route`; up the stack when
+/// it has none.
 #[inline(always)]
-pub fn redirect(route: &Route) -> i32 {
+pub fn redirect(ctx: &TcContext, l3_off: u8, route: &Route) -> i32 {
     if route.ifindex == 0 {
         return TC_ACT_OK;
     }
-    epx_redirect(route.ifindex, route.nexthop)
+    epx_redirect(ctx.as_ptr().cast(), route.ifindex, route.nexthop, u32::from(l3_off))
 }
 
 /// Sends a packet (already rewritten to `saddr` → `daddr`) towards `daddr` from the egress side,
 /// whatever its size (for the datapath's own small ICMP errors).
 #[inline(always)]
-pub fn redirect_as_node(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> i32 {
-    redirect(&route(ctx, proto, saddr, daddr))
+pub fn redirect_as_node(ctx: &TcContext, l3_off: u8, proto: u8, saddr: u32, daddr: u32) -> i32 {
+    redirect(ctx, l3_off, &route(ctx, proto, saddr, daddr))
 }
 
 /// [`route`] as a global BPF function: verified once, and the lookup's parameters live on its own
@@ -90,10 +94,24 @@ pub extern "C" fn epx_route(skb: *mut __sk_buff, proto: u32, saddr: u32, daddr: 
 }
 
 /// `bpf_redirect_neigh` to `nexthop` on `ifindex`, as a global function (its parameters on its own
-/// stack).
+/// stack). A packet from an L3 device (`l3_off` 0) first gets a blank Ethernet header: the helper
+/// works on a frame with a link-layer header, and fills in the addresses (or strips it for an L3
+/// egress device).
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn epx_redirect(ifindex: u32, nexthop: u32) -> i32 {
+pub extern "C" fn epx_redirect(skb: *mut __sk_buff, ifindex: u32, nexthop: u32, l3_off: u32) -> i32 {
+    let Some(skb) = core::ptr::NonNull::new(skb) else { return TC_ACT_OK };
+    if l3_off == 0 {
+        let ctx = TcContext::new(skb);
+        if unsafe { bpf_skb_change_head(ctx.as_ptr().cast(), ETH_HLEN as u32, 0) } != 0 {
+            return TC_ACT_SHOT;
+        }
+        let mut eth = [0u8; ETH_HLEN];
+        eth[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        if ctx.store(0, &eth, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+    }
     // SAFETY: a plain C struct for which all-zero is a valid value.
     let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
     nh.nh_family = u32::from(AF_INET);

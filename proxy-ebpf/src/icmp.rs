@@ -31,8 +31,10 @@ use crate::{
     conntrack, fib,
     maps::{CONNTRACK, CT_REPLY},
     node,
-    packet::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Hdr, Packet},
-    pod_source, stats, verdict,
+    packet::{Ipv4Hdr, Packet},
+    pod_source,
+    service::Hook,
+    stats, verdict,
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -57,23 +59,24 @@ struct Quote {
 /// An ICMP message (`pkt.proto` is `PROTO_ICMP`): translated if it is an error about a tracked
 /// connection, otherwise passed untouched.
 #[inline(always)]
-pub fn handle(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
-    verdict::decode(epx_icmp_error(ctx.as_ptr().cast(), pkt))
+pub fn handle(ctx: &TcContext, pkt: &Packet, hook: Hook) -> Result<i32, u32> {
+    verdict::decode(epx_icmp_error(ctx.as_ptr().cast(), pkt, hook as u32))
 }
 
 /// [`handle`] as a global BPF function: verified once, on its own.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn epx_icmp_error(skb: *mut __sk_buff, pkt: *const Packet) -> i32 {
+pub extern "C" fn epx_icmp_error(skb: *mut __sk_buff, pkt: *const Packet, hook: u32) -> i32 {
     let (Some(skb), false) = (core::ptr::NonNull::new(skb), pkt.is_null()) else {
         return TC_ACT_OK;
     };
+    let hook = if hook == Hook::Egress as u32 { Hook::Egress } else { Hook::Ingress };
     // SAFETY: checked non-null; the caller's own stack value.
-    verdict::encode(translate(&TcContext::new(skb), unsafe { &*pkt }))
+    verdict::encode(translate(&TcContext::new(skb), unsafe { &*pkt }, hook))
 }
 
 #[inline(always)]
-fn translate(ctx: &TcContext, outer: &Packet) -> Result<i32, u32> {
+fn translate(ctx: &TcContext, outer: &Packet, hook: Hook) -> Result<i32, u32> {
     const PASS: Result<i32, u32> = Ok(TC_ACT_OK);
     let Some(quote) = quote_of(ctx, outer) else { return PASS };
     let now = conntrack::now_ns();
@@ -84,8 +87,10 @@ fn translate(ctx: &TcContext, outer: &Packet) -> Result<i32, u32> {
             // SAFETY: a map value, valid for this program run.
             let entry = unsafe { &mut *entry };
             if ct_reply_key(&orig, entry) == quote.key && ct_alive(entry, orig.proto, now) {
-                pod_source::check_reply(ctx, entry, outer.saddr)?;
-                return towards_client(ctx, outer, &quote, &orig);
+                if hook == Hook::Ingress {
+                    pod_source::check_reply(ctx, entry, outer.saddr)?;
+                }
+                return towards_client(ctx, outer, &quote, &orig, hook);
             }
         }
     }
@@ -93,8 +98,10 @@ fn translate(ctx: &TcContext, outer: &Packet) -> Result<i32, u32> {
     if let Some(entry) = CONNTRACK.get_ptr(&quote.key) {
         let entry = unsafe { &*entry };
         if ct_alive(entry, quote.key.proto, now) {
-            pod_source::check_orig(ctx, entry)?;
-            return towards_backend(ctx, outer, &quote, entry);
+            if hook == Hook::Ingress {
+                pod_source::check_orig(ctx, entry)?;
+            }
+            return towards_backend(ctx, outer, &quote, entry, hook);
         }
     }
     PASS
@@ -134,13 +141,13 @@ fn quote_of(ctx: &TcContext, outer: &Packet) -> Option<Quote> {
 /// An error about an original-direction packet, from the backend's side: back to the client as if
 /// its own packet (to the Service address) had failed there.
 #[inline(always)]
-fn towards_client(ctx: &TcContext, outer: &Packet, q: &Quote, orig: &CtKey) -> Result<i32, u32> {
+fn towards_client(ctx: &TcContext, outer: &Packet, q: &Quote, orig: &CtKey, hook: Hook) -> Result<i32, u32> {
     rewrite_quote(ctx, q, (orig.saddr, orig.sport), (orig.daddr, orig.dport))?;
     rewrite_outer(ctx, outer, orig.daddr, orig.saddr)?;
     stats::count(STAT_ICMP_ERROR_NAT);
-    // From a node address (a NodePort's): forwarded by us, as the connection's replies are.
-    if node::is_node_addr(orig.daddr) {
-        return Ok(fib::redirect_as_node(ctx, PROTO_ICMP, orig.daddr, orig.saddr));
+    // From the Service address: forwarded by us, as the connection's replies are.
+    if hook == Hook::Ingress {
+        return Ok(fib::redirect_as_node(ctx, outer.l3_off, PROTO_ICMP, orig.daddr, orig.saddr));
     }
     Ok(TC_ACT_OK)
 }
@@ -148,7 +155,7 @@ fn towards_client(ctx: &TcContext, outer: &Packet, q: &Quote, orig: &CtKey) -> R
 /// An error about a restored reply, from the client's side: to the backend, about the reply as it
 /// sent it.
 #[inline(always)]
-fn towards_backend(ctx: &TcContext, outer: &Packet, q: &Quote, entry: &CtEntry) -> Result<i32, u32> {
+fn towards_backend(ctx: &TcContext, outer: &Packet, q: &Quote, entry: &CtEntry, hook: Hook) -> Result<i32, u32> {
     let orig = &q.key;
     let snat = entry.flags & CT_F_SNAT != 0;
     let client = if snat { (entry.snat_addr, entry.snat_port) } else { (orig.saddr, orig.sport) };
@@ -156,8 +163,8 @@ fn towards_backend(ctx: &TcContext, outer: &Packet, q: &Quote, entry: &CtEntry) 
     let saddr = if snat { entry.snat_addr } else { outer.saddr };
     rewrite_outer(ctx, outer, saddr, entry.nat_addr)?;
     stats::count(STAT_ICMP_ERROR_NAT);
-    if snat && node::is_node_addr(entry.snat_addr) {
-        return Ok(fib::redirect_as_node(ctx, PROTO_ICMP, entry.snat_addr, entry.nat_addr));
+    if hook == Hook::Ingress && snat && node::is_node_addr(entry.snat_addr) {
+        return Ok(fib::redirect_as_node(ctx, outer.l3_off, PROTO_ICMP, entry.snat_addr, entry.nat_addr));
     }
     Ok(TC_ACT_OK)
 }
@@ -165,9 +172,9 @@ fn towards_backend(ctx: &TcContext, outer: &Packet, q: &Quote, entry: &CtEntry) 
 /// Sets the outer header's addresses.
 #[inline(always)]
 fn rewrite_outer(ctx: &TcContext, outer: &Packet, saddr: u32, daddr: u32) -> Result<(), u32> {
-    for (off, old, new) in [(IP_SADDR_OFF, outer.saddr, saddr), (IP_DADDR_OFF, outer.daddr, daddr)] {
+    for (off, old, new) in [(outer.ip_saddr_off(), outer.saddr, saddr), (outer.ip_daddr_off(), outer.daddr, daddr)] {
         if old != new {
-            ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4).map_err(|_| STAT_DROP_REWRITE)?;
+            ctx.l3_csum_replace(outer.ip_csum_off(), old as u64, new as u64, 4).map_err(|_| STAT_DROP_REWRITE)?;
             ctx.store(off, &new, 0).map_err(|_| STAT_DROP_REWRITE)?;
         }
     }

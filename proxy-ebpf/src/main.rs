@@ -24,6 +24,8 @@ mod stats;
 mod tcp;
 mod verdict;
 
+use packet::{ETH_HLEN, L3_DEVICE};
+
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
     macros::{cgroup_sock_addr, classifier},
@@ -33,21 +35,41 @@ use aya_ebpf::{
 /// tc ingress on the host side of every pod-facing interface: packets leaving a local pod.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    tc_action(service::try_handle(&ctx, service::Side::Pod))
+    tc_action(service::try_handle(&ctx, service::Side::Pod, ETH_HLEN))
 }
 
 /// tc ingress on the node's external interfaces: Service traffic arriving from outside, and replies
 /// from backends on other nodes.
 #[classifier]
 pub fn from_netdev(ctx: TcContext) -> i32 {
-    tc_action(service::try_handle(&ctx, service::Side::Netdev))
+    tc_action(service::try_handle(&ctx, service::Side::Netdev, ETH_HLEN))
+}
+
+/// [`from_netdev`] for an external interface without a link-layer header (ipip, WireGuard, tun):
+/// replies from backends on other nodes arriving decapsulated, Service traffic through a tunnel.
+#[classifier]
+pub fn from_l3dev(ctx: TcContext) -> i32 {
+    tc_action(service::try_handle(&ctx, service::Side::Netdev, L3_DEVICE))
+}
+
+/// tc egress on every interface the ingress programs are on: what the node's own stack sends
+/// (replies of hostNetwork backends, the kernel's ICMP errors about translated packets).
+#[classifier]
+pub fn from_node(ctx: TcContext) -> i32 {
+    tc_action(service::try_from_node(&ctx, ETH_HLEN))
+}
+
+/// [`from_node`] for an interface without a link-layer header.
+#[classifier]
+pub fn from_node_l3(ctx: TcContext) -> i32 {
+    tc_action(service::try_from_node(&ctx, L3_DEVICE))
 }
 
 /// The benchmarks' baseline: the same packet parsing as the Service programs, then pass. What a
 /// packet costs in `from_pod` beyond this is the cost of the Service datapath itself. Never attached.
 #[classifier]
 pub fn parse_only(ctx: TcContext) -> i32 {
-    tc_action(packet::parse(&ctx).map(|_| aya_ebpf::bindings::TC_ACT_OK))
+    tc_action(packet::parse(&ctx, ETH_HLEN).map(|_| aya_ebpf::bindings::TC_ACT_OK))
 }
 
 /// A tc program's return value: the action, or a drop counted under its reason.

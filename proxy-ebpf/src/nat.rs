@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use proxy_common::{PROTO_SCTP, PROTO_UDP, STAT_DROP_REWRITE};
 
-use crate::packet::{FRAG_LATER, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet};
+use crate::packet::{FRAG_LATER, Packet};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -46,8 +46,8 @@ pub extern "C" fn epx_rewrite(skb: *mut __sk_buff, pkt: *const Packet, end: u32,
 #[inline(always)]
 fn rewrite_in_place(ctx: &TcContext, pkt: &Packet, end: End, addr: u32, port: u16) -> Result<(), u32> {
     let (old_addr, old_port, addr_off, port_off) = match end {
-        End::Source => (pkt.saddr, pkt.sport, IP_SADDR_OFF, pkt.l4_off),
-        End::Destination => (pkt.daddr, pkt.dport, IP_DADDR_OFF, pkt.l4_off + 2),
+        End::Source => (pkt.saddr, pkt.sport, pkt.ip_saddr_off(), pkt.l4_off),
+        End::Destination => (pkt.daddr, pkt.dport, pkt.ip_daddr_off(), pkt.l4_off + 2),
     };
     // UDP: a zero checksum means "none" and must stay zero; a computed zero is sent as 0xffff.
     let mangled = if pkt.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
@@ -61,7 +61,7 @@ fn rewrite_in_place(ctx: &TcContext, pkt: &Packet, end: End, addr: u32, port: u1
         }
     }
     if old_addr != addr {
-        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, addr as u64, 4).map_err(|_| STAT_DROP_REWRITE)?;
+        ctx.l3_csum_replace(pkt.ip_csum_off(), old_addr as u64, addr as u64, 4).map_err(|_| STAT_DROP_REWRITE)?;
         ctx.store(addr_off, &addr, 0).map_err(|_| STAT_DROP_REWRITE)?;
     }
     // A later fragment has no ports: its datagram's were rewritten in the first fragment.

@@ -9,12 +9,11 @@ use proxy_common::{
 
 use crate::maps::{FRAGMENTS, SERVICE_ADDRS};
 
+/// Where the IP header starts: after an Ethernet header, or at once on an L3 device (ipip,
+/// WireGuard, tun: no link-layer header).
 pub const ETH_HLEN: usize = 14;
+pub const L3_DEVICE: usize = 0;
 const ETH_P_IP: u16 = 0x0800;
-/// Offsets of IPv4 header fields from the start of the frame.
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
-pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
 const IPV4_MIN_HLEN: usize = 20;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
@@ -51,6 +50,8 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// `FRAG_*`: whether the packet is a fragment, and which.
     pub frag: u8,
+    /// Offset of the IP header from the start of the frame: `ETH_HLEN`, or 0 on an L3 device.
+    pub l3_off: u8,
     /// The IP identification (network byte order): with the addresses and protocol, what ties a
     /// datagram's fragments together.
     pub ip_id: u16,
@@ -70,6 +71,20 @@ pub const FRAG_FIRST: u8 = 1;
 pub const FRAG_LATER: u8 = 2;
 
 impl Packet {
+    /// Offsets of IPv4 header fields in the frame.
+    #[inline(always)]
+    pub fn ip_csum_off(&self) -> usize {
+        self.l3_off as usize + 10
+    }
+    #[inline(always)]
+    pub fn ip_saddr_off(&self) -> usize {
+        self.l3_off as usize + 12
+    }
+    #[inline(always)]
+    pub fn ip_daddr_off(&self) -> usize {
+        self.l3_off as usize + 16
+    }
+
     /// Offset of the L4 checksum, if the protocol has one that covers addresses and ports and the
     /// packet carries it (a later fragment does not: the first fragment's covers the datagram).
     #[inline(always)]
@@ -97,30 +112,35 @@ fn is_service_addr(addr: u32) -> bool {
     SERVICE_ADDRS.get_ptr(&addr).is_some()
 }
 
-/// Parses an Ethernet + IPv4 + L4 header.
+/// Parses an IPv4 + L4 header at `l3_off` (after an Ethernet header, or at once on an L3 device).
 ///
 /// `Ok(None)`: not something the datapath handles (not IPv4, another protocol, or a malformed or
 /// fragmented packet that is not to a Service address) — to be passed untouched.
 /// `Err(reason)`: a malformed IPv4 packet, or Service traffic that cannot be translated — dropped.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
-    // BPF_PROG_TEST_RUN and the stack guarantee the 14-byte Ethernet header at tc ingress.
-    let h_proto: u16 = match ctx.load::<u16>(12) {
-        Ok(p) => u16::from_be(p),
-        Err(_) => return Ok(None),
-    };
-    if h_proto != ETH_P_IP {
+pub fn parse(ctx: &TcContext, l3_off: usize) -> Result<Option<Packet>, u32> {
+    if l3_off == ETH_HLEN {
+        // BPF_PROG_TEST_RUN and the stack guarantee the 14-byte Ethernet header on such a device.
+        let h_proto: u16 = match ctx.load::<u16>(12) {
+            Ok(p) => u16::from_be(p),
+            Err(_) => return Ok(None),
+        };
+        if h_proto != ETH_P_IP {
+            return Ok(None);
+        }
+    } else if unsafe { (*(ctx.as_ptr() as *const __sk_buff)).protocol } != u32::from(ETH_P_IP.to_be()) {
+        // The skb's protocol (network byte order, in the low half): an L3 device carries IPv6 too.
         return Ok(None);
     }
-    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| STAT_DROP_MALFORMED_IPV4)?;
+    let ip: Ipv4Hdr = ctx.load(l3_off).map_err(|_| STAT_DROP_MALFORMED_IPV4)?;
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
     let mut tot_len = u16::from_be(ip.tot_len) as usize;
     if tot_len == 0 && ip.proto == PROTO_TCP && gso_size(ctx) != 0 {
         // IPv4 BIG TCP: a GSO packet over 64 KiB carries no total length; the skb's is the packet's
         // (the kernel's iph_totlen()).
-        tot_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+        tot_len = (ctx.len() as usize).saturating_sub(l3_off);
     }
-    if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || tot_len < ihl || (ctx.len() as usize) < ETH_HLEN + tot_len {
+    if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || tot_len < ihl || (ctx.len() as usize) < l3_off + tot_len {
         return Err(STAT_DROP_MALFORMED_IPV4);
     }
     let frag_off = u16::from_be(ip.frag_off);
@@ -138,17 +158,18 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
             proto: PROTO_ICMP,
             tcp_flags: 0,
             frag: FRAG_NONE,
+            l3_off: l3_off as u8,
             ip_id: ip.id,
-            l4_off: ETH_HLEN + ihl,
-            l4_end: ETH_HLEN + tot_len,
+            l4_off: l3_off + ihl,
+            l4_end: l3_off + tot_len,
         }));
     }
     if !matches!(ip.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
         return Ok(None);
     }
-    let l4_off = ETH_HLEN + ihl;
+    let l4_off = l3_off + ihl;
     if frag_off & IP_OFFSET_MASK != 0 {
-        return later_fragment(&ip, l4_off, ETH_HLEN + tot_len);
+        return later_fragment(&ip, l3_off, l4_off, l3_off + tot_len);
     }
     let frag = if frag_off & IP_MF != 0 { FRAG_FIRST } else { FRAG_NONE };
     // SCTP's CRC32c covers the whole datagram: a first fragment's cannot be updated alone.
@@ -190,9 +211,10 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
         proto: ip.proto,
         tcp_flags,
         frag,
+        l3_off: l3_off as u8,
         ip_id: ip.id,
         l4_off,
-        l4_end: ETH_HLEN + tot_len,
+        l4_end: l3_off + tot_len,
     }))
 }
 
@@ -200,7 +222,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u32> {
 /// that one was translated (`FRAGMENTS`); otherwise it is not the datapath's — unless it is to a
 /// Service address, which only a translation may reach.
 #[inline(always)]
-fn later_fragment(ip: &Ipv4Hdr, l4_off: usize, l4_end: usize) -> Result<Option<Packet>, u32> {
+fn later_fragment(ip: &Ipv4Hdr, l3_off: usize, l4_off: usize, l4_end: usize) -> Result<Option<Packet>, u32> {
     let key = FragKey { saddr: ip.saddr, daddr: ip.daddr, id: ip.id, proto: ip.proto, _pad: 0 };
     let Some(ports) = FRAGMENTS.get_ptr(&key) else {
         return if is_service_addr(ip.daddr) {
@@ -220,6 +242,7 @@ fn later_fragment(ip: &Ipv4Hdr, l4_off: usize, l4_end: usize) -> Result<Option<P
         proto: ip.proto,
         tcp_flags: 0,
         frag: FRAG_LATER,
+        l3_off: l3_off as u8,
         ip_id: ip.id,
         l4_off,
         l4_end,

@@ -99,9 +99,13 @@ fn ipv4_reply(pkt: &Packet, proto: u8, payload_len: usize) -> Ipv4Hdr {
     ip
 }
 
-/// Swaps the Ethernet addresses so the frame goes back to where it came from.
+/// Swaps the Ethernet addresses so the frame goes back to where it came from (an L3 device's
+/// packets have none).
 #[inline(always)]
-fn reply_ethernet(ctx: &TcContext) -> Result<(), i64> {
+fn reply_link_header(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
+    if pkt.l3_off as usize != ETH_HLEN {
+        return Ok(());
+    }
     let macs: [u8; 12] = ctx.load(0)?;
     let mut swapped = [0u8; 14];
     swapped[..6].copy_from_slice(&macs[6..12]);
@@ -137,10 +141,11 @@ fn tcp_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
     };
     tcp.check = checksum(&mut sum);
     let ip = ipv4_reply(pkt, PROTO_TCP, size_of::<TcpHdr>());
-    ctx.change_tail((ETH_HLEN + size_of::<Ipv4Hdr>() + size_of::<TcpHdr>()) as u32, 0)?;
-    reply_ethernet(ctx)?;
-    ctx.store(ETH_HLEN, &ip, 0)?;
-    ctx.store(ETH_HLEN + size_of::<Ipv4Hdr>(), &tcp, 0)
+    let l3 = pkt.l3_off as usize;
+    ctx.change_tail((l3 + size_of::<Ipv4Hdr>() + size_of::<TcpHdr>()) as u32, 0)?;
+    reply_link_header(ctx, pkt)?;
+    ctx.store(l3, &ip, 0)?;
+    ctx.store(l3 + size_of::<Ipv4Hdr>(), &tcp, 0)
 }
 
 /// An ICMP destination unreachable (`code`; `mtu` for fragmentation needed) quoting `pkt`'s IP
@@ -152,16 +157,17 @@ fn icmp_unreachable(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result
         code,
         // RFC 1191: the next-hop MTU in the low half of the unused word.
         unused: u32::from(mtu).to_be(),
-        quote_ip: ctx.load(ETH_HLEN)?,
+        quote_ip: ctx.load(pkt.l3_off as usize)?,
         quote_l4: ctx.load(pkt.l4_off)?,
         ..Default::default()
     };
     icmp.check = checksum(&mut icmp);
     let ip = ipv4_reply(pkt, IPPROTO_ICMP, size_of::<IcmpUnreach>());
-    ctx.change_tail((ETH_HLEN + size_of::<Ipv4Hdr>() + size_of::<IcmpUnreach>()) as u32, 0)?;
-    reply_ethernet(ctx)?;
-    ctx.store(ETH_HLEN, &ip, 0)?;
-    ctx.store(ETH_HLEN + size_of::<Ipv4Hdr>(), &icmp, 0)
+    let l3 = pkt.l3_off as usize;
+    ctx.change_tail((l3 + size_of::<Ipv4Hdr>() + size_of::<IcmpUnreach>()) as u32, 0)?;
+    reply_link_header(ctx, pkt)?;
+    ctx.store(l3, &ip, 0)?;
+    ctx.store(l3 + size_of::<Ipv4Hdr>(), &icmp, 0)
 }
 
 /// Answers `pkt` with a RST or ICMP error and sends the answer back out of the ingress interface.
@@ -215,7 +221,7 @@ fn reject_in_place(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
         }
         tcp_reset(ctx, pkt)
     } else {
-        if pkt.l4_off != ETH_HLEN + size_of::<Ipv4Hdr>() {
+        if pkt.l4_off != pkt.l3_off as usize + size_of::<Ipv4Hdr>() {
             return Err(STAT_DROP_NO_ENDPOINTS);
         }
         icmp_unreachable(ctx, pkt, ICMP_PORT_UNREACH, 0)
@@ -249,8 +255,8 @@ pub extern "C" fn epx_too_big(skb: *mut __sk_buff, pkt: *const Packet, mtu: u32)
 
 #[inline(always)]
 fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u32) -> Result<i32, u32> {
-    let frag_off: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| STAT_DROP_TOO_BIG)?;
-    if u16::from_be(frag_off) & IP_DF == 0 || pkt.l4_off != ETH_HLEN + size_of::<Ipv4Hdr>() {
+    let frag_off: u16 = ctx.load(pkt.l3_off as usize + 6).map_err(|_| STAT_DROP_TOO_BIG)?;
+    if u16::from_be(frag_off) & IP_DF == 0 || pkt.l4_off != pkt.l3_off as usize + size_of::<Ipv4Hdr>() {
         return Err(STAT_DROP_TOO_BIG);
     }
     if !within_budget() {

@@ -42,17 +42,28 @@ pub enum Side {
     Netdev,
 }
 
-pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
-    let Some(pkt) = packet::parse(ctx)? else {
+/// Where a packet meets the datapath.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Hook {
+    /// tc ingress: packets arriving at the node.
+    Ingress = 0,
+    /// tc egress, for packets the node's own stack sends: replies of its own sockets (hostNetwork
+    /// backends) and its ICMP errors. They are the node's, trusted, and already routed.
+    Egress = 1,
+}
+
+pub fn try_handle(ctx: &TcContext, side: Side, l3_off: usize) -> Result<i32, u32> {
+    let Some(pkt) = packet::parse(ctx, l3_off)? else {
         return Ok(TC_ACT_OK);
     };
     if pkt.proto == PROTO_ICMP {
-        return icmp::handle(ctx, &pkt);
+        return icmp::handle(ctx, &pkt, Hook::Ingress);
     }
     // Each step is a global BPF function: verified once, on its own, with its own stack frame, so
     // the paths of one do not multiply the paths of the next.
     let skb = ctx.as_ptr().cast();
-    let reply = epx_reply(skb, &pkt);
+    let reply = epx_reply(skb, &pkt, Hook::Ingress as u32);
     if reply != verdict::NEXT {
         if pkt.frag == FRAG_FIRST && reply >= 0 {
             packet::epx_remember_fragment(&pkt);
@@ -90,14 +101,40 @@ pub fn try_handle(ctx: &TcContext, side: Side) -> Result<i32, u32> {
     }
 }
 
+/// Packets the node's own stack sends out of an interface (tc egress): a reply of one of its
+/// sockets to a translated connection (a hostNetwork backend's) gets the Service address back, and
+/// an ICMP error it generates about a translated packet is translated. Forwarded packets (no socket)
+/// were handled where they arrived.
+pub fn try_from_node(ctx: &TcContext, l3_off: usize) -> Result<i32, u32> {
+    // SAFETY: the program's context is a valid __sk_buff.
+    if unsafe { (*(ctx.as_ptr() as *const __sk_buff)).__bindgen_anon_2.sk }.is_null() {
+        return Ok(TC_ACT_OK);
+    }
+    let Some(pkt) = packet::parse(ctx, l3_off)? else {
+        return Ok(TC_ACT_OK);
+    };
+    if pkt.proto == PROTO_ICMP {
+        return icmp::handle(ctx, &pkt, Hook::Egress);
+    }
+    let reply = epx_reply(ctx.as_ptr().cast(), &pkt, Hook::Egress as u32);
+    if reply == verdict::NEXT {
+        return Ok(TC_ACT_OK);
+    }
+    if pkt.frag == FRAG_FIRST && reply >= 0 {
+        packet::epx_remember_fragment(&pkt);
+    }
+    verdict::decode(reply)
+}
+
 /// A reply of a tracked connection, reverse-translated; [`verdict::NEXT`] when the packet is none.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn epx_reply(skb: *mut __sk_buff, pkt: *const Packet) -> i32 {
+pub extern "C" fn epx_reply(skb: *mut __sk_buff, pkt: *const Packet, hook: u32) -> i32 {
     let (Some(skb), false) = (NonNull::new(skb), pkt.is_null()) else { return verdict::NEXT };
     let (ctx, pkt) = (TcContext::new(skb), unsafe { &*pkt });
-    match conntrack::lookup_reply(&ctx, pkt, conntrack::now_ns()) {
-        Ok(Some(conn)) => verdict::encode(reverse(&ctx, pkt, &conn)),
+    let hook = if hook == Hook::Egress as u32 { Hook::Egress } else { Hook::Ingress };
+    match conntrack::lookup_reply(&ctx, pkt, conntrack::now_ns(), hook == Hook::Egress) {
+        Ok(Some(conn)) => verdict::encode(reverse(&ctx, pkt, &conn, hook)),
         Ok(None) => verdict::NEXT,
         Err(reason) => verdict::encode(Err(reason)),
     }
@@ -162,20 +199,23 @@ fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> Result<i32, u32> {
     if snat {
         nat::rewrite(ctx, pkt, End::Source, entry.snat_addr, entry.snat_port)?;
     }
-    Ok(fib::redirect(&route))
+    Ok(fib::redirect(ctx, pkt.l3_off, &route))
 }
 
 /// A reply of a tracked connection: from the Service address the client used, and to the client's
 /// own address and port if the connection's source was translated.
 #[inline(always)]
-fn reverse(ctx: &TcContext, pkt: &Packet, conn: &Conn) -> Result<i32, u32> {
+fn reverse(ctx: &TcContext, pkt: &Packet, conn: &Conn, hook: Hook) -> Result<i32, u32> {
     let orig = &conn.orig;
     let snat = conn.entry().flags & CT_F_SNAT != 0;
     let daddr = if snat { orig.saddr } else { pkt.daddr };
-    // A NodePort's reply comes from a node address once restored: forwarded by us, not the input
-    // path.
-    let route =
-        if node::is_node_addr(orig.daddr) { fib::route(ctx, pkt.proto, orig.daddr, daddr) } else { Route::default() };
+    // Restored, the reply comes from the Service address, and the input path would judge it by that
+    // source: strict rp_filter drops it when the Service address does not route back through the
+    // interface it arrived on, and a Service address the node holds (a NodePort's, an LB IP
+    // announced by kube-vip) makes it a martian. So it is forwarded by us, to the next hop for its
+    // destination; only one for the node itself goes up the stack. At egress the node's own stack
+    // has routed it already.
+    let route = if hook == Hook::Ingress { fib::route(ctx, pkt.proto, orig.daddr, daddr) } else { Route::default() };
     if route.too_big_for_mtu != 0 {
         return reject::too_big(ctx, pkt, route.too_big_for_mtu);
     }
@@ -184,7 +224,7 @@ fn reverse(ctx: &TcContext, pkt: &Packet, conn: &Conn) -> Result<i32, u32> {
         nat::rewrite(ctx, pkt, End::Destination, orig.saddr, orig.sport)?;
     }
     stats::count(if pkt.frag == FRAG_LATER { STAT_FRAGMENT_NAT } else { STAT_REVERSE_NAT });
-    Ok(fib::redirect(&route))
+    Ok(fib::redirect(ctx, pkt.l3_off, &route))
 }
 
 /// A packet to no frontend: a wrong port on a ClusterIP is rejected and an unallocated address in the

@@ -33,7 +33,13 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// Program names (ELF symbols) and the pinned maps, as operators see them in bpftool.
 pub const PROG_FROM_POD: &str = "from_pod";
 pub const PROG_FROM_NETDEV: &str = "from_netdev";
-pub const TC_PROGRAMS: [&str; 2] = [PROG_FROM_POD, PROG_FROM_NETDEV];
+/// `from_netdev` for interfaces without a link-layer header (ipip, WireGuard, tun).
+pub const PROG_FROM_L3DEV: &str = "from_l3dev";
+/// tc egress: what the node's own stack sends (replies of hostNetwork backends, its ICMP errors).
+pub const PROG_FROM_NODE: &str = "from_node";
+pub const PROG_FROM_NODE_L3: &str = "from_node_l3";
+pub const TC_PROGRAMS: [&str; 5] =
+    [PROG_FROM_POD, PROG_FROM_NETDEV, PROG_FROM_L3DEV, PROG_FROM_NODE, PROG_FROM_NODE_L3];
 /// The benchmarks' baseline (never attached).
 pub const PROG_BASELINE: &str = "parse_only";
 pub const SOCK_PROGRAMS: [&str; 4] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];
@@ -57,6 +63,22 @@ pub const MAP_NAMES: [&str; 18] = [
     "REJECT_BUDGET",
     "SOCK_PEER",
 ];
+
+/// The programs an interface gets: one on ingress, one on egress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcPrograms {
+    pub ingress: &'static str,
+    pub egress: &'static str,
+}
+
+impl TcPrograms {
+    /// A local pod's interface.
+    pub const POD: Self = Self { ingress: PROG_FROM_POD, egress: PROG_FROM_NODE };
+    /// An external interface with an Ethernet header.
+    pub const NETDEV: Self = Self { ingress: PROG_FROM_NETDEV, egress: PROG_FROM_NODE };
+    /// An external interface without a link-layer header (ipip, WireGuard, tun).
+    pub const L3DEV: Self = Self { ingress: PROG_FROM_L3DEV, egress: PROG_FROM_NODE_L3 };
+}
 
 /// How the maps are created.
 pub enum MapMode<'a> {
@@ -86,8 +108,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     /// This instance's link pins (`<bpffs>/links/<instance>`); `None` until [`Datapath::pin_links_in`].
     link_dir: Option<PathBuf>,
-    /// ifindex → (program, pinned link).
-    tc_links: BTreeMap<u32, (&'static str, PathBuf)>,
+    /// ifindex → the pinned links of its ingress and egress programs.
+    tc_links: BTreeMap<u32, [PathBuf; 2]>,
     sock_links: Vec<PathBuf>,
     keep: bool,
 }
@@ -236,26 +258,37 @@ impl Datapath {
         Ok(dir.join(file))
     }
 
-    /// Attaches a tc program (`from_pod` or `from_netdev`) on ingress of the interface (TCX), and
-    /// pins the link. Idempotent per interface index.
-    pub fn attach_tc(&mut self, ifindex: u32, name: &'static str) -> Result<()> {
+    /// Attaches the interface's tc programs (TCX) — `programs.ingress` on ingress, `programs.egress`
+    /// on egress — and pins the links. Idempotent per interface index.
+    pub fn attach_tc(&mut self, ifindex: u32, programs: TcPrograms) -> Result<()> {
         if self.tc_links.contains_key(&ifindex) {
             return Ok(());
         }
-        let path = self.link_path(&format!("{name}_if{ifindex}"))?;
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
-        let id = prog
-            .attach(aya::programs::NetworkInterface::Index(ifindex), TcAttachType::Ingress)
-            .with_context(|| format!("attaching {name} to interface {ifindex}"))?;
-        let link: FdLink = prog.take_link(id)?.try_into()?;
-        pin_link(link, &path)?;
-        self.tc_links.insert(ifindex, (name, path));
+        let mut paths = Vec::with_capacity(2);
+        for (name, direction) in [(programs.ingress, TcAttachType::Ingress), (programs.egress, TcAttachType::Egress)] {
+            let path = self.link_path(&format!("{name}_if{ifindex}"))?;
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
+            let attached = prog
+                .attach(aya::programs::NetworkInterface::Index(ifindex), direction)
+                .with_context(|| format!("attaching {name} to interface {ifindex}"))
+                .and_then(|id| Ok(FdLink::try_from(prog.take_link(id)?)?))
+                .and_then(|link| pin_link(link, &path));
+            if let Err(e) = attached {
+                // Both or neither: an ingress program without its egress one would leave the node's
+                // own replies untranslated.
+                paths.iter().for_each(|p: &PathBuf| drop(fs::remove_file(p)));
+                return Err(e);
+            }
+            paths.push(path);
+        }
+        let [ingress, egress]: [PathBuf; 2] = paths.try_into().expect("two links");
+        self.tc_links.insert(ifindex, [ingress, egress]);
         Ok(())
     }
 
-    /// Forgets the link of an interface that went away (the kernel already detached it).
+    /// Forgets the links of an interface that went away (the kernel already detached them).
     pub fn forget_interface(&mut self, ifindex: u32) {
-        if let Some((_, path)) = self.tc_links.remove(&ifindex) {
+        for path in self.tc_links.remove(&ifindex).into_iter().flatten() {
             let _ = fs::remove_file(path);
         }
         if let Ok(mut ifaces) = self.pod_ifaces() {

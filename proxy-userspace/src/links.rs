@@ -19,8 +19,9 @@ const RTMGRP_LINK: u32 = 1;
 /// A change to the set of interfaces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {
-    /// An interface exists (it may have been reported before, with another master).
-    Present { index: u32, name: String, master: u32 },
+    /// An interface exists (it may have been reported before, with another master). `l3`: it has no
+    /// Ethernet header (ipip, WireGuard, tun).
+    Present { index: u32, name: String, master: u32, l3: bool },
     /// An interface is gone.
     Gone { index: u32, name: String },
 }
@@ -34,6 +35,11 @@ fn master_of(msg: &LinkMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(0)
+}
+
+/// Whether the interface's packets start at the IP header (no Ethernet header).
+fn is_l3(msg: &LinkMessage) -> bool {
+    msg.header.link_layer_type != rtnetlink::packet_route::link::LinkLayerType::Ether
 }
 
 fn name_of(msg: &LinkMessage) -> Option<String> {
@@ -52,7 +58,7 @@ pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
     let mut dump = handle.link().get().execute();
     while let Some(msg) = dump.try_next().await.context("listing interfaces")? {
         if let Some(name) = name_of(&msg) {
-            let event = LinkEvent::Present { index: msg.header.index, name, master: master_of(&msg) };
+            let event = LinkEvent::Present { index: msg.header.index, name, master: master_of(&msg), l3: is_l3(&msg) };
             if tx.send(event).await.is_err() {
                 return Ok(());
             }
@@ -61,8 +67,8 @@ pub async fn watch(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
     while let Some((msg, _)) = messages.next().await {
         let event = match msg.payload {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                let master = master_of(&link);
-                name_of(&link).map(|name| LinkEvent::Present { index: link.header.index, name, master })
+                let (master, l3) = (master_of(&link), is_l3(&link));
+                name_of(&link).map(|name| LinkEvent::Present { index: link.header.index, name, master, l3 })
             }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
                 Some(LinkEvent::Gone { index: link.header.index, name: name_of(&link).unwrap_or_default() })

@@ -25,7 +25,7 @@ use tokio::{
 use crate::{
     config::NodeArgs,
     conntrack::{self, ConntrackMaps},
-    datapath::{self, Datapath, MapMode, PROG_FROM_NETDEV, PROG_FROM_POD},
+    datapath::{self, Datapath, MapMode, TcPrograms},
     health::{self, ServiceHealth},
     kube_source,
     links::{self, LinkEvent},
@@ -166,11 +166,11 @@ fn default_cgroup() -> Result<PathBuf> {
 }
 
 /// Which tc program an interface gets, if any.
-fn tc_program_for(args: &RunArgs, name: &str) -> Option<&'static str> {
+fn tc_programs_for(args: &RunArgs, name: &str, l3: bool) -> Option<TcPrograms> {
     if args.interfaces.iter().any(|i| i == name) {
-        Some(PROG_FROM_NETDEV)
+        Some(if l3 { TcPrograms::L3DEV } else { TcPrograms::NETDEV })
     } else if args.pod_interface_prefixes.iter().any(|p| name.starts_with(p.as_str())) {
-        Some(PROG_FROM_POD)
+        Some(TcPrograms::POD)
     } else {
         None
     }
@@ -357,11 +357,11 @@ impl Proxy {
 
     fn on_link(&mut self, event: LinkEvent, args: &RunArgs) {
         match event {
-            LinkEvent::Present { index, name, master } => {
-                let Some(prog) = tc_program_for(args, &name) else { return };
+            LinkEvent::Present { index, name, master, l3 } => {
+                let Some(programs) = tc_programs_for(args, &name, l3) else { return };
                 // Registered before the program is attached, and again whenever the interface
                 // changes (a CNI makes the pod's interface a bridge port after creating it).
-                if prog == datapath::PROG_FROM_POD
+                if programs == TcPrograms::POD
                     && let Err(e) = self.dp.set_pod_interface(index, master)
                 {
                     log::error!("registering pod interface {name}: {e:#}");
@@ -370,8 +370,12 @@ impl Proxy {
                 if self.dp.attached_interfaces().contains(&index) {
                     return;
                 }
-                match self.dp.attach_tc(index, prog) {
-                    Ok(()) => log::info!("attached {prog} to {name} (ifindex {index})"),
+                match self.dp.attach_tc(index, programs) {
+                    Ok(()) => log::info!(
+                        "attached {} (ingress) and {} (egress) to {name} (ifindex {index})",
+                        programs.ingress,
+                        programs.egress
+                    ),
                     Err(e) => log::error!("{e:#}"),
                 }
             }

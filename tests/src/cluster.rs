@@ -168,3 +168,133 @@ impl StopFlag {
         self.0.load(Ordering::Relaxed)
     }
 }
+
+/// How the two nodes of [`Cluster::tunnel_pods`] carry pod traffic between them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tunnel {
+    /// A VXLAN device per node (`vx0`, VNI 42 over eth0): Ethernet frames inside UDP.
+    Vxlan,
+    /// A TUN device per node (`tn0`) with no link-layer header, joined by a relay thread of the test
+    /// process that moves each packet from one device to the other, as a userspace VPN (wireguard-go,
+    /// boringtun) does between its TUN device and the network.
+    Tun,
+}
+
+/// The relay behind [`Tunnel::Tun`]: stops when dropped.
+pub struct TunRelay {
+    stop: StopFlag,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for TunRelay {
+    fn drop(&mut self) {
+        self.stop.stop();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Cluster {
+    /// Routes the pod traffic between nodes 0 and 1 over a tunnel instead of the shared network; the
+    /// tunnel device is named in the returned string (for `--interfaces`). A relay, if any, runs as
+    /// long as the returned value lives.
+    pub fn tunnel_pods(&self, kind: Tunnel) -> Result<(&'static str, Option<TunRelay>)> {
+        let relay = match kind {
+            Tunnel::Vxlan => {
+                for (k, j) in [(0, 1), (1, 0)] {
+                    let ns = &self.nodes[k].ns;
+                    let (local, remote) = (node_ip(k).to_string(), node_ip(j).to_string());
+                    ns.ip(&["link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "4789", "local", &local])?;
+                    ns.ip(&["link", "set", "vx0", "up"])?;
+                    // Head-end replication to the one peer (no multicast on the test network).
+                    run(ns.command("bridge").args([
+                        "fdb",
+                        "append",
+                        "00:00:00:00:00:00",
+                        "dev",
+                        "vx0",
+                        "dst",
+                        &remote,
+                    ]))?;
+                    let _ = ns.ip(&["route", "del", &self.nodes[j].pod_cidr()]);
+                    ns.ip(&["addr", "add", &format!("10.250.0.{}/24", k + 1), "dev", "vx0"])?;
+                    ns.ip(&[
+                        "route",
+                        "add",
+                        &self.nodes[j].pod_cidr(),
+                        "via",
+                        &format!("10.250.0.{}", j + 1),
+                        "dev",
+                        "vx0",
+                    ])?;
+                }
+                None
+            }
+            Tunnel::Tun => {
+                let a = open_tun(&self.nodes[0].ns.name).map_err(anyhow::Error::msg)?;
+                let b = open_tun(&self.nodes[1].ns.name).map_err(anyhow::Error::msg)?;
+                for (k, j) in [(0, 1), (1, 0)] {
+                    let ns = &self.nodes[k].ns;
+                    ns.ip(&["link", "set", "tn0", "up"])?;
+                    let _ = ns.ip(&["route", "del", &self.nodes[j].pod_cidr()]);
+                    ns.ip(&["route", "add", &self.nodes[j].pod_cidr(), "dev", "tn0"])?;
+                }
+                let stop = StopFlag::default();
+                let threads = [(a.try_clone()?, b.try_clone()?), (b.try_clone()?, a.try_clone()?)]
+                    .into_iter()
+                    .map(|(from, to)| {
+                        let stop = stop.clone();
+                        std::thread::spawn(move || relay(&from, &to, &stop))
+                    })
+                    .collect();
+                Some(TunRelay { stop, threads })
+            }
+        };
+        Ok((if kind == Tunnel::Vxlan { "vx0" } else { "tn0" }, relay))
+    }
+}
+
+/// Creates TUN device `tn0` (IFF_TUN | IFF_NO_PI: bare IP packets) in namespace `ns`, non-blocking.
+fn open_tun(ns: &str) -> std::result::Result<std::fs::File, String> {
+    let ns = ns.to_owned();
+    crate::client::in_netns(&ns, || -> std::result::Result<std::fs::File, String> {
+        use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/net/tun")
+            .map_err(|e| format!("/dev/net/tun: {e}"))?;
+        // struct ifreq: the name, then ifr_flags.
+        let mut ifr = [0u8; 40];
+        ifr[..3].copy_from_slice(b"tn0");
+        let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF with a struct ifreq-sized buffer.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) } < 0 {
+            return Err(format!("TUNSETIFF: {}", std::io::Error::last_os_error()));
+        }
+        Ok(file)
+    })
+    .join()
+    .map_err(|_| "the TUN thread panicked".to_owned())?
+}
+
+/// Moves packets from one TUN device to the other until stopped.
+fn relay(from: &std::fs::File, to: &std::fs::File, stop: &StopFlag) {
+    use std::io::{Read as _, Write as _};
+    let mut buf = vec![0u8; 65_536];
+    let (mut from, mut to) = (from, to);
+    while !stop.stopped() {
+        match from.read(&mut buf) {
+            Ok(n) => {
+                let _ = to.write(&buf[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_micros(200))
+            }
+            Err(_) => return,
+        }
+    }
+}

@@ -446,7 +446,7 @@ impl Fuzzer {
             4..7 => 0x10,                               // ACK
             7 => 0x11,                                  // FIN ACK
             8 => 0x04 | (self.rng.below(2) << 4) as u8, // RST (ACK)
-            _ => self.rng.next_u64() as u8,                 // anything
+            _ => self.rng.next_u64() as u8,             // anything
         };
         let mut tcp = etherparse::TcpHeader::new(src.port(), dst.port(), self.rng.next_u64() as u32, 64_240);
         tcp.acknowledgment_number = self.rng.next_u64() as u32;

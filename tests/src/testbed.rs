@@ -13,7 +13,7 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -220,28 +220,37 @@ pub struct Pod {
 impl Pod {
     /// Starts nginx answering every request with `pod=<name> server=<pod IP> client=<addr>:<port>`.
     pub fn start_nginx(&mut self) -> Result<()> {
-        fs::create_dir_all(self.dir.join("logs"))?;
-        let conf = format!(
-            "worker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/logs/error.log;\ndaemon off;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  \
-             fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  \
-             keepalive_timeout 300s;\n  keepalive_requests 100000;\n  \
-             server {{\n    listen 80;\n    location / {{ default_type text/plain; return 200 \"pod={name} server=$server_addr client=$remote_addr:$remote_port\\n\"; }}\n    \
-             location = /bulk {{ default_type application/octet-stream; alias {dir}/bulk; }}\n  }}\n}}\n",
-            dir = self.dir.display(),
-            name = self.name
-        );
-        let conf_path = self.dir.join("nginx.conf");
-        fs::write(&conf_path, conf)?;
-        let mut cmd = self.ns.command("nginx");
-        cmd.arg("-c").arg(&conf_path).arg("-p").arg(&self.dir).stdout(Stdio::null()).stderr(Stdio::piped());
-        self.nginx = Some(Proc::spawn(cmd, format!("nginx in {}", self.name))?);
-        wait_for(Duration::from_secs(10), || {
-            run(self.ns.command("curl").args(["-sf", "-m", "1", &format!("http://{}/", self.ip)])).is_ok()
-        })
-        .with_context(|| format!("nginx in {} did not come up", self.name))
+        self.nginx = Some(start_nginx(&self.ns, &self.dir, &self.name, SocketAddrV4::new(self.ip, 80))?);
+        Ok(())
     }
+}
+
+/// Starts nginx in `ns` on `listen`, its files in `dir`, answering every request with
+/// `pod=<name> server=<address> client=<addr>:<port>` (and `/bulk` with the file `dir/bulk`); returns
+/// once it answers.
+pub fn start_nginx(ns: &Netns, dir: &Path, name: &str, listen: SocketAddrV4) -> Result<Proc> {
+    fs::create_dir_all(dir.join("logs"))?;
+    let conf = format!(
+        "worker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/logs/error.log;\ndaemon off;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  \
+         fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  \
+         keepalive_timeout 300s;\n  keepalive_requests 100000;\n  \
+         server {{\n    listen {port};\n    location / {{ default_type text/plain; return 200 \"pod={name} server=$server_addr client=$remote_addr:$remote_port\\n\"; }}\n    \
+         location = /bulk {{ default_type application/octet-stream; alias {dir}/bulk; }}\n  }}\n}}\n",
+        dir = dir.display(),
+        port = listen.port(),
+    );
+    let conf_path = dir.join("nginx.conf");
+    fs::write(&conf_path, conf)?;
+    let mut cmd = ns.command("nginx");
+    cmd.arg("-c").arg(&conf_path).arg("-p").arg(dir).stdout(Stdio::null()).stderr(Stdio::piped());
+    let nginx = Proc::spawn(cmd, format!("nginx in {name}"))?;
+    wait_for(Duration::from_secs(10), || {
+        run(ns.command("curl").args(["-sf", "-m", "1", &format!("http://{listen}/")])).is_ok()
+    })
+    .with_context(|| format!("nginx in {name} did not come up"))?;
+    Ok(nginx)
 }
 
 impl Pod {
