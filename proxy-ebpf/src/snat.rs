@@ -15,10 +15,7 @@
 //! sequence number are kept for this as the connection closes): reuse at a few seconds' interval
 //! without the one-second stalls.
 
-use aya_ebpf::{
-    cty::c_void,
-    helpers::{bpf_get_prandom_u32, bpf_loop},
-};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{
     CT_F_SNAT, CtEntry, CtKey, NodeConfig, SNAT_RETRIES, STAT_DROP_SNAT_EXHAUSTED, STAT_SNAT_COLLISION,
     STAT_SNAT_REUSE_BACKEND_TIME_WAIT, STAT_SNAT_REUSE_CLOSED, STAT_SNAT_REUSE_UNANSWERED, ct_backend_accepts_syn,
@@ -30,9 +27,9 @@ use crate::{
     tcp::Segment,
 };
 
-/// A search of the port range (the `bpf_loop` callback's context).
+/// A search of the port range.
 #[repr(C)]
-struct Probe {
+pub struct Probe {
     now: u64,
     /// Last activity of the longest idle closed holder the backend would accept the SYN over
     /// (`u64::MAX`: none).
@@ -72,12 +69,16 @@ impl Probe {
     }
 }
 
-/// One port of the search; stops at the first one nobody live holds. Read-only, and verified
-/// once, however many ports are tried.
-extern "C" fn probe_step(i: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop passes the context given to it, a `Probe` on the caller's stack.
-    let probe = unsafe { &mut *(ctx as *mut Probe) };
-    let port = probe.port(i as u32);
+/// Looks at port `i` of the search; 1 (stop) at the first one nobody live holds. Read-only. A global
+/// function, called from a bounded loop rather than as a `bpf_loop` callback: the verifier checks it
+/// once, on its own, and never tracks precision back through its map lookups — which, done inside a
+/// callback, trips a verifier bug on some 6.18 kernels ("backtracking call unexpected regs").
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_probe_port(probe: *mut Probe, i: u32) -> i32 {
+    // SAFETY: the search's context, a `Probe` on the caller's stack (checked non-null).
+    let Some(probe) = (unsafe { probe.as_mut() }) else { return 1 };
+    let port = probe.port(i);
     match conntrack::holder(&probe.reply(port), probe.now) {
         Holder::Free | Holder::Dead => {
             probe.claimed = port;
@@ -146,7 +147,11 @@ pub fn allocate(
     for _ in 0..2 {
         probe.start = unsafe { bpf_get_prandom_u32() } % span;
         probe.claimed = 0;
-        unsafe { bpf_loop(SNAT_RETRIES, probe_step as *mut c_void, (&raw mut probe).cast(), 0) };
+        for i in 0..SNAT_RETRIES {
+            if epx_probe_port(&raw mut probe, i) != 0 {
+                break;
+            }
+        }
         // A free port; else the longest idle closed one the backend takes the SYN over; else the
         // oldest nobody answered; else a closed one the backend still holds (it answers the SYN with
         // an ACK, the client resets and retries a second later: slow, not lost).
