@@ -134,6 +134,9 @@ pub const CT_F_REPLY_CLOSED_FIRST: u16 = 1 << 5;
 /// TCP: the backend sent its FIN before it had the client's — it closed first, or both closed at
 /// once — so it holds the tuple in TIME_WAIT for a minute after the connection ends.
 pub const CT_F_BACKEND_TIME_WAIT: u16 = 1 << 6;
+/// The client is one of the node's own sockets (the connection was opened at tc egress): its
+/// replies, and errors about it, are for the node and reach it through the loopback device.
+pub const CT_F_FROM_NODE: u16 = 1 << 7;
 
 /// TCP states (as nf_conntrack_proto_tcp names them). UDP and other protocols use
 /// `CT_STATE_UNREPLIED` and `CT_STATE_REPLIED`.

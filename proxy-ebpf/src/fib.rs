@@ -5,6 +5,14 @@
 //! for the rewritten addresses, then `bpf_redirect_neigh` to the next hop, which resolves the
 //! neighbour as the stack's own output would. Skipping the stack also skips its MTU check, so the
 //! route tells whether the packet fits the egress device (GSO segments included).
+//!
+//! A translated packet for the node itself (a reply to one of the node's own connections, restored
+//! to come from a Service address; a REJECT answering the node) must not meet the input path either:
+//! strict rp_filter drops a ClusterIP source arriving on a pod's interface, and a source that is one
+//! of the node's addresses (its own NodePort) is a martian anywhere. It is delivered through the
+//! loopback device instead, by `bpf_redirect_neigh` without a next hop: the kernel routes it (a local
+//! route) and the loopback device hands it to the input path with that route attached, so no route
+//! lookup and no source validation happen on the way in — as for any packet the node sends itself.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -21,6 +29,8 @@ use crate::packet::ETH_HLEN;
 
 const AF_INET: u8 = 2;
 const ETH_P_IP: u16 = 0x0800;
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Where a packet leaving as `saddr → daddr` is forwarded.
 #[repr(C)]
@@ -33,7 +43,14 @@ pub struct Route {
     pub nexthop: u32,
     /// The egress device's MTU when the packet does not fit it; 0 when it fits.
     pub too_big_for_mtu: u32,
-    pub _pad: u32,
+    /// 1: the destination is the node itself (delivered through the loopback device). Set by the
+    /// caller, who knows it (the FIB's "not forwarded" is also its answer for no route at all).
+    pub local: u32,
+}
+
+impl Route {
+    /// The route of a packet for the node itself.
+    pub const LOCAL: Route = Route { ifindex: 0, nexthop: 0, too_big_for_mtu: 0, local: 1 };
 }
 
 /// The route for the packet, once rewritten to `saddr → daddr`.
@@ -44,14 +61,42 @@ pub fn route(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> Route {
     route
 }
 
-/// Sends the packet (already rewritten; its IP header at `l3_off`) along `route`; up the stack when
-/// it has none.
+/// Sends the packet (already rewritten; its IP header at `l3_off`) along `route`: to the next hop,
+/// to the node's own input path through loopback when it is for the node, or on its way unchanged
+/// (up the stack at ingress, out of the device at egress) when there is no route.
 #[inline(always)]
 pub fn redirect(ctx: &TcContext, l3_off: u8, route: &Route) -> i32 {
+    if route.local != 0 {
+        return deliver_local(ctx, l3_off);
+    }
     if route.ifindex == 0 {
         return TC_ACT_OK;
     }
     epx_redirect(ctx.as_ptr().cast(), route.ifindex, route.nexthop, u32::from(l3_off))
+}
+
+/// Hands a packet for the node itself to its input path through the loopback device, with its
+/// local route attached (see the module header). Inline, not through [`epx_redirect`]: it is the
+/// last step of the answer paths, whose frames are deep already.
+#[inline(always)]
+pub fn deliver_local(ctx: &TcContext, l3_off: u8) -> i32 {
+    if l3_off == 0 && push_blank_link_header(ctx).is_err() {
+        return TC_ACT_SHOT;
+    }
+    unsafe { bpf_redirect_neigh(LOOPBACK_IFINDEX, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Puts a blank Ethernet header (addresses zero, type IPv4) in front of a packet from an L3 device:
+/// the redirect helper works on frames with a link-layer header, and fills in the addresses (or
+/// strips it again for an L3 egress device).
+#[inline(always)]
+fn push_blank_link_header(ctx: &TcContext) -> Result<(), i64> {
+    if unsafe { bpf_skb_change_head(ctx.as_ptr().cast(), ETH_HLEN as u32, 0) } != 0 {
+        return Err(-1);
+    }
+    let mut eth = [0u8; ETH_HLEN];
+    eth[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    ctx.store(0, &eth, 0)
 }
 
 /// Sends a packet (already rewritten to `saddr` → `daddr`) towards `daddr` from the egress side,
@@ -94,23 +139,13 @@ pub extern "C" fn epx_route(skb: *mut __sk_buff, proto: u32, saddr: u32, daddr: 
 }
 
 /// `bpf_redirect_neigh` to `nexthop` on `ifindex`, as a global function (its parameters on its own
-/// stack). A packet from an L3 device (`l3_off` 0) first gets a blank Ethernet header: the helper
-/// works on a frame with a link-layer header, and fills in the addresses (or strips it for an L3
-/// egress device).
+/// stack). A packet from an L3 device (`l3_off` 0) first gets a blank Ethernet header.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn epx_redirect(skb: *mut __sk_buff, ifindex: u32, nexthop: u32, l3_off: u32) -> i32 {
     let Some(skb) = core::ptr::NonNull::new(skb) else { return TC_ACT_OK };
-    if l3_off == 0 {
-        let ctx = TcContext::new(skb);
-        if unsafe { bpf_skb_change_head(ctx.as_ptr().cast(), ETH_HLEN as u32, 0) } != 0 {
-            return TC_ACT_SHOT;
-        }
-        let mut eth = [0u8; ETH_HLEN];
-        eth[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-        if ctx.store(0, &eth, 0).is_err() {
-            return TC_ACT_SHOT;
-        }
+    if l3_off == 0 && push_blank_link_header(&TcContext::new(skb)).is_err() {
+        return TC_ACT_SHOT;
     }
     // SAFETY: a plain C struct for which all-zero is a valid value.
     let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };

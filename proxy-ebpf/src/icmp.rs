@@ -23,8 +23,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    CT_F_SNAT, CtEntry, CtKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, STAT_DROP_REWRITE, STAT_ICMP_ERROR_NAT,
-    ct_alive, ct_reply_key,
+    CT_F_FROM_NODE, CT_F_SNAT, CtEntry, CtKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, STAT_DROP_REWRITE,
+    STAT_ICMP_ERROR_NAT, ct_alive, ct_reply_key,
 };
 
 use crate::{
@@ -90,7 +90,7 @@ fn translate(ctx: &TcContext, outer: &Packet, hook: Hook) -> Result<i32, u32> {
                 if hook == Hook::Ingress {
                     pod_source::check_reply(ctx, entry, outer.saddr)?;
                 }
-                return towards_client(ctx, outer, &quote, &orig, hook);
+                return towards_client(ctx, outer, &quote, &orig, entry.flags, hook);
             }
         }
     }
@@ -141,11 +141,22 @@ fn quote_of(ctx: &TcContext, outer: &Packet) -> Option<Quote> {
 /// An error about an original-direction packet, from the backend's side: back to the client as if
 /// its own packet (to the Service address) had failed there.
 #[inline(always)]
-fn towards_client(ctx: &TcContext, outer: &Packet, q: &Quote, orig: &CtKey, hook: Hook) -> Result<i32, u32> {
+fn towards_client(
+    ctx: &TcContext,
+    outer: &Packet,
+    q: &Quote,
+    orig: &CtKey,
+    flags: u16,
+    hook: Hook,
+) -> Result<i32, u32> {
     rewrite_quote(ctx, q, (orig.saddr, orig.sport), (orig.daddr, orig.dport))?;
     rewrite_outer(ctx, outer, orig.daddr, orig.saddr)?;
     stats::count(STAT_ICMP_ERROR_NAT);
-    // From the Service address: forwarded by us, as the connection's replies are.
+    // From the Service address: forwarded by us, as the connection's replies are — to the node's
+    // own input path for a connection of its own.
+    if hook == Hook::Ingress && flags & CT_F_FROM_NODE != 0 {
+        return Ok(fib::deliver_local(ctx, outer.l3_off));
+    }
     if hook == Hook::Ingress {
         return Ok(fib::redirect_as_node(ctx, outer.l3_off, PROTO_ICMP, orig.daddr, orig.saddr));
     }

@@ -1,6 +1,7 @@
 //! REJECT, as kube-proxy does it for Service ports without endpoints: the packet is turned into the
 //! answer in place — a TCP RST, or an ICMP port unreachable for UDP and SCTP — and sent back out of
-//! the interface it came in on, so the client fails at once instead of timing out. The same answer
+//! the interface it came in on (or, for a packet of the node's own, to the node's input path), so
+//! the client fails at once instead of timing out. The same answer
 //! path sends ICMP fragmentation needed for packets too big for the next hop the datapath forwards
 //! them to.
 
@@ -16,8 +17,10 @@ use proxy_common::{
 };
 
 use crate::{
+    fib,
     maps::REJECT_BUDGET,
     packet::{ETH_HLEN, Ipv4Hdr, Packet},
+    service::Hook,
     stats, verdict,
 };
 
@@ -174,21 +177,32 @@ fn icmp_unreachable(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result
 /// Packets that must not be answered (a RST; IP options, which the fixed-size quote would cut) are
 /// dropped under `drop_no_endpoints`.
 #[inline(always)]
-pub fn reject(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
-    verdict::decode(epx_reject(ctx.as_ptr().cast(), pkt))
+pub fn reject(ctx: &TcContext, pkt: &Packet, hook: Hook) -> Result<i32, u32> {
+    verdict::decode(epx_reject(ctx.as_ptr().cast(), pkt, hook as u32))
 }
 
 /// [`reject_in_place`] as a global BPF function (verified once, on its own: the answer's headers
 /// live on its own stack, not on the caller's). Returns the tc action, or minus the drop reason.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn epx_reject(skb: *mut __sk_buff, pkt: *const Packet) -> i32 {
+pub extern "C" fn epx_reject(skb: *mut __sk_buff, pkt: *const Packet, hook: u32) -> i32 {
     let (Some(skb), false) = (core::ptr::NonNull::new(skb), pkt.is_null()) else {
         return -(STAT_DROP_NO_ENDPOINTS as i32);
     };
     let ctx = TcContext::new(skb);
     // SAFETY: checked non-null; the caller's own stack value.
-    verdict::encode(reject_in_place(&ctx, unsafe { &*pkt }))
+    verdict::encode(reject_in_place(&ctx, unsafe { &*pkt }, hook))
+}
+
+/// Sends an answer built in place back to the packet's sender: out of the interface it came in
+/// on, or — for a packet of the node's own, met at egress — to the node's input path.
+#[inline(always)]
+fn send_back(ctx: &TcContext, pkt: &Packet, hook: u32) -> i32 {
+    if hook == Hook::Egress as u32 {
+        return fib::deliver_local(ctx, pkt.l3_off);
+    }
+    unsafe { bpf_redirect(crate::pod_source::ingress_ifindex(ctx), 0) };
+    TC_ACT_REDIRECT
 }
 
 /// Takes one answer from the node's budget; `false` when it is spent. Updated without atomics: CPUs
@@ -211,7 +225,7 @@ fn within_budget() -> bool {
 }
 
 #[inline(always)]
-fn reject_in_place(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
+fn reject_in_place(ctx: &TcContext, pkt: &Packet, hook: u32) -> Result<i32, u32> {
     if !within_budget() {
         return Err(STAT_DROP_REJECT_RATE_LIMITED);
     }
@@ -228,8 +242,7 @@ fn reject_in_place(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
     };
     built.map_err(|_| STAT_DROP_NO_ENDPOINTS)?;
     stats::count(STAT_REJECT);
-    unsafe { bpf_redirect(crate::pod_source::ingress_ifindex(ctx), 0) };
-    Ok(TC_ACT_REDIRECT)
+    Ok(send_back(ctx, pkt, hook))
 }
 
 /// A packet the datapath forwards itself does not fit the next hop's `mtu`: with DF set it is
@@ -237,24 +250,24 @@ fn reject_in_place(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
 /// sender sent it) back out of the interface it came in on, within the node's answer budget;
 /// otherwise dropped (it would need fragmenting).
 #[inline(always)]
-pub fn too_big(ctx: &TcContext, pkt: &Packet, mtu: u32) -> Result<i32, u32> {
-    verdict::decode(epx_too_big(ctx.as_ptr().cast(), pkt, mtu))
+pub fn too_big(ctx: &TcContext, pkt: &Packet, mtu: u32, hook: Hook) -> Result<i32, u32> {
+    verdict::decode(epx_too_big(ctx.as_ptr().cast(), pkt, mtu, hook as u32))
 }
 
 /// [`too_big`] as a global BPF function (verified once; the answer lives on its own stack).
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn epx_too_big(skb: *mut __sk_buff, pkt: *const Packet, mtu: u32) -> i32 {
+pub extern "C" fn epx_too_big(skb: *mut __sk_buff, pkt: *const Packet, mtu: u32, hook: u32) -> i32 {
     let (Some(skb), false) = (core::ptr::NonNull::new(skb), pkt.is_null()) else {
         return -(STAT_DROP_TOO_BIG as i32);
     };
     let ctx = TcContext::new(skb);
     // SAFETY: checked non-null; the caller's own stack value.
-    verdict::encode(frag_needed(&ctx, unsafe { &*pkt }, mtu))
+    verdict::encode(frag_needed(&ctx, unsafe { &*pkt }, mtu, hook))
 }
 
 #[inline(always)]
-fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u32) -> Result<i32, u32> {
+fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u32, hook: u32) -> Result<i32, u32> {
     let frag_off: u16 = ctx.load(pkt.l3_off as usize + 6).map_err(|_| STAT_DROP_TOO_BIG)?;
     if u16::from_be(frag_off) & IP_DF == 0 || pkt.l4_off != pkt.l3_off as usize + size_of::<Ipv4Hdr>() {
         return Err(STAT_DROP_TOO_BIG);
@@ -264,6 +277,5 @@ fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u32) -> Result<i32, u32> {
     }
     icmp_unreachable(ctx, pkt, ICMP_FRAG_NEEDED, mtu.min(u32::from(u16::MAX)) as u16).map_err(|_| STAT_DROP_TOO_BIG)?;
     stats::count(STAT_FRAG_NEEDED);
-    unsafe { bpf_redirect(crate::pod_source::ingress_ifindex(ctx), 0) };
-    Ok(TC_ACT_REDIRECT)
+    Ok(send_back(ctx, pkt, hook))
 }

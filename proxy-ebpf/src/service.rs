@@ -1,8 +1,14 @@
-//! Per-packet Service handling at tc ingress, for both attach points: replies of translated
-//! connections get their addresses restored; packets to a Service frontend are checked against its
-//! policies and translated to a backend (destination NAT, plus source NAT when the reply would not
-//! come back through this node otherwise); Service traffic that cannot be served is rejected or
-//! dropped. Everything else passes untouched.
+//! Per-packet Service handling, at tc ingress of pod and external interfaces and at tc egress for
+//! the node's own sockets: replies of translated connections get their addresses restored; packets
+//! to a Service frontend are checked against its policies and translated to a backend (destination
+//! NAT, plus source NAT when the reply would not come back through this node otherwise); Service
+//! traffic that cannot be served is rejected or dropped. Everything else passes untouched.
+//!
+//! The node's own connections (kubelet, hostNetwork pods, node agents) meet the datapath at egress,
+//! as kube-proxy's OUTPUT chains see them: those the socket programs leave alone (frontends with
+//! source ranges, an empty backend set, or no socket programs at all) are translated there, then
+//! routed afresh for the backend; their replies, and the answers to them, reach the node's sockets
+//! through the loopback device (see `fib`).
 
 use core::ptr::NonNull;
 
@@ -12,12 +18,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    BACKEND_F_LOCAL, CT_F_SNAT, CtEntry, CtKey, FRONTEND_F_ETP_LOCAL, FRONTEND_F_EXTERNAL, FRONTEND_F_HAS_ENDPOINTS,
-    FRONTEND_F_SOURCE_RANGES, Frontend, NODE_F_MASQUERADE_ALL, NodeConfig, PROTO_ICMP, SERVICE_ADDR_F_CLUSTER_IP,
-    STAT_CT_NEW, STAT_DROP_CT_FULL, STAT_DROP_FRAGMENT, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINTS,
-    STAT_DROP_NOT_CONFIGURED, STAT_DROP_REWRITE, STAT_DROP_SOURCE_RANGE, STAT_DROP_UNALLOCATED_SERVICE_IP,
-    STAT_FORWARD_DNAT, STAT_FRAGMENT_NAT, STAT_REVERSE_NAT, STAT_SNAT, STAT_SOURCE_PORT_REMAP, ct_initial,
-    ct_reply_key,
+    BACKEND_F_LOCAL, CT_F_FROM_NODE, CT_F_SNAT, CtEntry, CtKey, FRONTEND_F_ETP_LOCAL, FRONTEND_F_EXTERNAL,
+    FRONTEND_F_HAS_ENDPOINTS, FRONTEND_F_SOURCE_RANGES, Frontend, NODE_F_MASQUERADE_ALL, NodeConfig, PROTO_ICMP,
+    SERVICE_ADDR_F_CLUSTER_IP, STAT_CT_NEW, STAT_DROP_CT_FULL, STAT_DROP_FRAGMENT, STAT_DROP_NO_BACKEND,
+    STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_NOT_CONFIGURED, STAT_DROP_REWRITE, STAT_DROP_SOURCE_RANGE,
+    STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_FRAGMENT_NAT, STAT_REVERSE_NAT, STAT_SNAT,
+    STAT_SOURCE_PORT_REMAP, ct_initial, ct_reply_key,
 };
 
 use crate::{
@@ -31,15 +37,32 @@ use crate::{
     pod_source, reject, snat, stats, tcp, verdict,
 };
 
-/// Where the program is attached.
+/// Where the packet comes from, as the attach point tells.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Side {
-    /// Host side of a local pod's interface: the packet comes from a pod on this node (or, in `trace`,
-    /// from the node itself).
-    Pod,
+    /// Host side of a local pod's interface: the packet comes from a pod on this node.
+    Pod = 0,
     /// An external interface of the node: the packet comes from another node, a router or a client.
-    Netdev,
+    Netdev = 1,
+    /// tc egress, a packet of one of the node's own sockets.
+    Node = 2,
+}
+
+impl Side {
+    #[inline(always)]
+    fn from_u32(v: u32) -> Self {
+        match v {
+            0 => Side::Pod,
+            2 => Side::Node,
+            _ => Side::Netdev,
+        }
+    }
+
+    #[inline(always)]
+    fn hook(self) -> Hook {
+        if self == Side::Node { Hook::Egress } else { Hook::Ingress }
+    }
 }
 
 /// Where a packet meets the datapath.
@@ -48,29 +71,40 @@ pub enum Side {
 pub enum Hook {
     /// tc ingress: packets arriving at the node.
     Ingress = 0,
-    /// tc egress, for packets the node's own stack sends: replies of its own sockets (hostNetwork
-    /// backends) and its ICMP errors. They are the node's, trusted, and already routed.
+    /// tc egress, for packets the node's own stack sends: its own connections, replies of its own
+    /// sockets (hostNetwork backends) and its ICMP errors. They are the node's, trusted, and already
+    /// routed — for their original destination.
     Egress = 1,
 }
 
+/// A packet arriving at the node, on a pod's interface (`Side::Pod`) or an external one. Inlined
+/// into each entry point, as [`try_from_node`] is: a frame of its own would count against the
+/// 512-byte stack of every call chain below it.
+#[inline(always)]
 pub fn try_handle(ctx: &TcContext, side: Side, l3_off: usize) -> Result<i32, u32> {
+    handle(ctx, side, l3_off)
+}
+
+#[inline(always)]
+fn handle(ctx: &TcContext, side: Side, l3_off: usize) -> Result<i32, u32> {
     let Some(pkt) = packet::parse(ctx, l3_off)? else {
         return Ok(TC_ACT_OK);
     };
+    let hook = side.hook();
     if pkt.proto == PROTO_ICMP {
-        return icmp::handle(ctx, &pkt, Hook::Ingress);
+        return icmp::handle(ctx, &pkt, hook);
     }
     // Each step is a global BPF function: verified once, on its own, with its own stack frame, so
     // the paths of one do not multiply the paths of the next.
     let skb = ctx.as_ptr().cast();
-    let reply = epx_reply(skb, &pkt, Hook::Ingress as u32);
+    let reply = epx_reply(skb, &pkt, hook as u32);
     if reply != verdict::NEXT {
         if pkt.frag == FRAG_FIRST && reply >= 0 {
             packet::epx_remember_fragment(&pkt);
         }
         return verdict::decode(reply);
     }
-    let outcome = epx_service(skb, &pkt);
+    let outcome = epx_service(skb, &pkt, hook as u32);
     // A first fragment translated (or answered) as a frontend's: its datagram's other fragments
     // follow it.
     if pkt.frag == FRAG_FIRST && outcome >= 0 && SERVICE_ADDRS.get_ptr(&pkt.daddr).is_some() {
@@ -88,7 +122,7 @@ pub fn try_handle(ctx: &TcContext, side: Side, l3_off: usize) -> Result<i32, u32
         created = epx_new_connection(skb, &pkt, &fe, side as u32, conntrack::now_ns());
     }
     match created {
-        0 => match epx_service(skb, &pkt) {
+        0 => match epx_service(skb, &pkt, hook as u32) {
             verdict::NEW_CONNECTION => Err(STAT_DROP_CT_FULL),
             outcome => {
                 if pkt.frag == FRAG_FIRST && outcome >= 0 {
@@ -101,29 +135,18 @@ pub fn try_handle(ctx: &TcContext, side: Side, l3_off: usize) -> Result<i32, u32
     }
 }
 
-/// Packets the node's own stack sends out of an interface (tc egress): a reply of one of its
+/// Packets the node's own stack sends out of an interface (tc egress): the node's own connections
+/// to Service frontends are translated (as kube-proxy's OUTPUT chains do), a reply of one of its
 /// sockets to a translated connection (a hostNetwork backend's) gets the Service address back, and
 /// an ICMP error it generates about a translated packet is translated. Forwarded packets (no socket)
-/// were handled where they arrived.
+/// were handled where they arrived, and so were the datapath's own redirects.
+#[inline(always)]
 pub fn try_from_node(ctx: &TcContext, l3_off: usize) -> Result<i32, u32> {
     // SAFETY: the program's context is a valid __sk_buff.
     if unsafe { (*(ctx.as_ptr() as *const __sk_buff)).__bindgen_anon_2.sk }.is_null() {
         return Ok(TC_ACT_OK);
     }
-    let Some(pkt) = packet::parse(ctx, l3_off)? else {
-        return Ok(TC_ACT_OK);
-    };
-    if pkt.proto == PROTO_ICMP {
-        return icmp::handle(ctx, &pkt, Hook::Egress);
-    }
-    let reply = epx_reply(ctx.as_ptr().cast(), &pkt, Hook::Egress as u32);
-    if reply == verdict::NEXT {
-        return Ok(TC_ACT_OK);
-    }
-    if pkt.frag == FRAG_FIRST && reply >= 0 {
-        packet::epx_remember_fragment(&pkt);
-    }
-    verdict::decode(reply)
+    handle(ctx, Side::Node, l3_off)
 }
 
 /// A reply of a tracked connection, reverse-translated; [`verdict::NEXT`] when the packet is none.
@@ -145,17 +168,18 @@ pub extern "C" fn epx_reply(skb: *mut __sk_buff, pkt: *const Packet, hook: u32) 
 /// Service traffic.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn epx_service(skb: *mut __sk_buff, pkt: *const Packet) -> i32 {
+pub extern "C" fn epx_service(skb: *mut __sk_buff, pkt: *const Packet, hook: u32) -> i32 {
     let (Some(skb), false) = (NonNull::new(skb), pkt.is_null()) else { return verdict::NEXT };
-    verdict::encode(to_service(&TcContext::new(skb), unsafe { &*pkt }))
+    let hook = if hook == Hook::Egress as u32 { Hook::Egress } else { Hook::Ingress };
+    verdict::encode(to_service(&TcContext::new(skb), unsafe { &*pkt }, hook))
 }
 
 #[inline(always)]
-fn to_service(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
+fn to_service(ctx: &TcContext, pkt: &Packet, hook: Hook) -> Result<i32, u32> {
     let pkt = *pkt;
     let now = conntrack::now_ns();
     let Some(fe) = lb::frontend(pkt.daddr, pkt.dport, pkt.proto) else {
-        return not_a_frontend(ctx, &pkt);
+        return not_a_frontend(ctx, &pkt, hook);
     };
     let conn = match conntrack::lookup_orig(ctx, &pkt, now)? {
         Some(conn) if conn.entry().service_id == fe.service_id => conn,
@@ -172,27 +196,31 @@ fn to_service(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
             // function's frame: the new connection's and the answer's frames are deep already).
             pod_source::check_new(ctx, &pkt)?;
             if fe.flags & FRONTEND_F_HAS_ENDPOINTS == 0 {
-                return reject::reject(ctx, &pkt);
+                return reject::reject(ctx, &pkt, hook);
             }
             return Err(-verdict::NEW_CONNECTION as u32);
         }
     };
-    forward(ctx, &pkt, conn.entry())
+    forward(ctx, &pkt, conn.entry(), hook)
 }
 
 /// A packet of a tracked connection in the original direction: to the backend, and from the SNAT
 /// address if the connection has one.
 #[inline(always)]
-fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry) -> Result<i32, u32> {
+fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry, hook: Hook) -> Result<i32, u32> {
     let snat = entry.flags & CT_F_SNAT != 0;
     // Masqueraded to a node address: forwarded by us, not the input path (no route: up the stack).
-    let route = if snat && node::is_node_addr(entry.snat_addr) {
-        fib::route(ctx, pkt.proto, entry.snat_addr, entry.nat_addr)
+    // At egress the node routed the packet for the Service address: it is routed afresh for the
+    // backend (a pod's interface, another node, or the node itself for a hostNetwork backend).
+    let route = if hook == Hook::Egress && node::is_node_addr(entry.nat_addr) {
+        Route::LOCAL
+    } else if hook == Hook::Egress || (snat && node::is_node_addr(entry.snat_addr)) {
+        fib::route(ctx, pkt.proto, if snat { entry.snat_addr } else { pkt.saddr }, entry.nat_addr)
     } else {
         Route::default()
     };
     if route.too_big_for_mtu != 0 {
-        return reject::too_big(ctx, pkt, route.too_big_for_mtu);
+        return reject::too_big(ctx, pkt, route.too_big_for_mtu, hook);
     }
     nat::rewrite(ctx, pkt, End::Destination, entry.nat_addr, entry.nat_port)?;
     stats::count(if pkt.frag == FRAG_LATER { STAT_FRAGMENT_NAT } else { STAT_FORWARD_DNAT });
@@ -213,11 +241,17 @@ fn reverse(ctx: &TcContext, pkt: &Packet, conn: &Conn, hook: Hook) -> Result<i32
     // source: strict rp_filter drops it when the Service address does not route back through the
     // interface it arrived on, and a Service address the node holds (a NodePort's, an LB IP
     // announced by kube-vip) makes it a martian. So it is forwarded by us, to the next hop for its
-    // destination; only one for the node itself goes up the stack. At egress the node's own stack
-    // has routed it already.
-    let route = if hook == Hook::Ingress { fib::route(ctx, pkt.proto, orig.daddr, daddr) } else { Route::default() };
+    // destination; one for the node itself (a connection of its own) goes to it through loopback. At
+    // egress the node's own stack has routed it already.
+    let route = if hook == Hook::Egress {
+        Route::default()
+    } else if conn.entry().flags & CT_F_FROM_NODE != 0 {
+        Route::LOCAL
+    } else {
+        fib::route(ctx, pkt.proto, orig.daddr, daddr)
+    };
     if route.too_big_for_mtu != 0 {
-        return reject::too_big(ctx, pkt, route.too_big_for_mtu);
+        return reject::too_big(ctx, pkt, route.too_big_for_mtu, hook);
     }
     nat::rewrite(ctx, pkt, End::Source, orig.daddr, orig.dport)?;
     if snat {
@@ -230,11 +264,11 @@ fn reverse(ctx: &TcContext, pkt: &Packet, conn: &Conn, hook: Hook) -> Result<i32
 /// A packet to no frontend: a wrong port on a ClusterIP is rejected and an unallocated address in the
 /// service CIDR dropped (kube-proxy's nftables mode); anything else is not Service traffic.
 #[inline(always)]
-fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
+fn not_a_frontend(ctx: &TcContext, pkt: &Packet, hook: Hook) -> Result<i32, u32> {
     if let Some(sa) = SERVICE_ADDRS.get_ptr(&pkt.daddr) {
         if unsafe { (*sa).flags } & SERVICE_ADDR_F_CLUSTER_IP != 0 {
             pod_source::check_new(ctx, pkt)?;
-            return reject::reject(ctx, pkt);
+            return reject::reject(ctx, pkt, hook);
         }
         return Ok(TC_ACT_OK);
     }
@@ -250,7 +284,7 @@ fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Result<i32, u32> {
 /// `--cluster-cidr`, wherever it runs) and not this node.
 #[inline(always)]
 fn from_outside(cfg: Option<&NodeConfig>, side: Side, saddr: u32) -> bool {
-    if side == Side::Pod || node::is_node_addr(saddr) || node::is_loopback(saddr) {
+    if side != Side::Netdev || node::is_node_addr(saddr) || node::is_loopback(saddr) {
         return false;
     }
     !cfg.is_some_and(|c| node::in_cluster_cidr(c, saddr))
@@ -278,6 +312,10 @@ fn needs_snat(
         // Hairpin: the pod would answer itself directly.
         || backend_addr == pkt.saddr
         || node::is_loopback(pkt.saddr)
+        // The node's own connection from a local address that is not a node address (an LB IP or
+        // externalIP it holds, the source the kernel picks for a destination it holds itself):
+        // nothing routes the backend's reply to it.
+        || (side == Side::Node && !node::is_node_addr(pkt.saddr))
         // From another node or outside to a backend elsewhere: it would answer the client directly.
         || (side == Side::Netdev && backend_flags & BACKEND_F_LOCAL == 0)
 }
@@ -310,7 +348,7 @@ pub extern "C" fn epx_new_connection(
     let (Some(skb), false, false) = (NonNull::new(skb), pkt.is_null(), fe.is_null()) else {
         return STAT_DROP_REWRITE as i32;
     };
-    let side = if side == Side::Pod as u32 { Side::Pod } else { Side::Netdev };
+    let side = Side::from_u32(side);
     // SAFETY: checked non-null; the caller passes its own stack values.
     match new_connection(&TcContext::new(skb), unsafe { &*pkt }, unsafe { &*fe }, side, now) {
         Ok(()) => 0,
@@ -341,6 +379,7 @@ fn new_connection(ctx: &TcContext, pkt: &Packet, fe: &Frontend, side: Side, now:
         state: ct_initial(pkt.proto, pkt.tcp_flags),
         tcp_flags_orig: pkt.tcp_flags,
         orig_ifindex: pod_source::ingress_ifindex(ctx),
+        flags: if side == Side::Node { CT_F_FROM_NODE } else { 0 },
         ..CtEntry::default()
     };
     if needs_snat(cfg.as_ref(), side, pkt, fe, be.addr, be.flags) {

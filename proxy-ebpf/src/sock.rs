@@ -123,11 +123,12 @@ pub fn connect(ctx: &SockAddrContext) -> i32 {
     let Some((addr, port, proto, fe)) = service_destination(sa) else {
         return ALLOW;
     };
-    if proto == PROTO_UDP && !in_host_netns(ctx) {
+    if proto == PROTO_UDP {
         // A connected UDP socket translated here would talk to its backend for as long as it
         // lives, even after the backend is gone. Left untranslated, its datagrams go through the tc
-        // path, whose conntrack entries are purged with the backend (as kube-proxy flushes
-        // conntrack), so the next datagram finds a live one.
+        // path — a pod's at its interface, the node's own at egress — whose conntrack entries are
+        // purged with the backend (as kube-proxy flushes conntrack), so the next datagram finds a
+        // live one.
         stats::count(STAT_SOCK_UDP_CONNECT_TO_TC);
         return ALLOW;
     }

@@ -35,7 +35,8 @@ pub const PROG_FROM_POD: &str = "from_pod";
 pub const PROG_FROM_NETDEV: &str = "from_netdev";
 /// `from_netdev` for interfaces without a link-layer header (ipip, WireGuard, tun).
 pub const PROG_FROM_L3DEV: &str = "from_l3dev";
-/// tc egress: what the node's own stack sends (replies of hostNetwork backends, its ICMP errors).
+/// tc egress: what the node's own stack sends (its connections to Services, replies of hostNetwork
+/// backends, its ICMP errors).
 pub const PROG_FROM_NODE: &str = "from_node";
 pub const PROG_FROM_NODE_L3: &str = "from_node_l3";
 pub const TC_PROGRAMS: [&str; 5] =
@@ -64,20 +65,32 @@ pub const MAP_NAMES: [&str; 18] = [
     "SOCK_PEER",
 ];
 
-/// The programs an interface gets: one on ingress, one on egress.
+/// The programs an interface gets: one on ingress (if any), one on egress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcPrograms {
-    pub ingress: &'static str,
+    pub ingress: Option<&'static str>,
     pub egress: &'static str,
 }
 
 impl TcPrograms {
     /// A local pod's interface.
-    pub const POD: Self = Self { ingress: PROG_FROM_POD, egress: PROG_FROM_NODE };
+    pub const POD: Self = Self { ingress: Some(PROG_FROM_POD), egress: PROG_FROM_NODE };
     /// An external interface with an Ethernet header.
-    pub const NETDEV: Self = Self { ingress: PROG_FROM_NETDEV, egress: PROG_FROM_NODE };
+    pub const NETDEV: Self = Self { ingress: Some(PROG_FROM_NETDEV), egress: PROG_FROM_NODE };
     /// An external interface without a link-layer header (ipip, WireGuard, tun).
-    pub const L3DEV: Self = Self { ingress: PROG_FROM_L3DEV, egress: PROG_FROM_NODE_L3 };
+    pub const L3DEV: Self = Self { ingress: Some(PROG_FROM_L3DEV), egress: PROG_FROM_NODE_L3 };
+    /// The loopback device: the node's connections to its own addresses (a NodePort, an LB IP or
+    /// externalIP it holds) leave through it. Nothing arrives on it but what the node sent, so
+    /// nothing on ingress — the datapath's deliveries to the node's sockets come in that way.
+    pub const LOOPBACK: Self = Self { ingress: None, egress: PROG_FROM_NODE };
+
+    /// What the log says was attached.
+    pub fn describe(&self) -> String {
+        match self.ingress {
+            Some(ingress) => format!("{ingress} (ingress) and {} (egress)", self.egress),
+            None => format!("{} (egress)", self.egress),
+        }
+    }
 }
 
 /// How the maps are created.
@@ -108,8 +121,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     /// This instance's link pins (`<bpffs>/links/<instance>`); `None` until [`Datapath::pin_links_in`].
     link_dir: Option<PathBuf>,
-    /// ifindex → the pinned links of its ingress and egress programs.
-    tc_links: BTreeMap<u32, [PathBuf; 2]>,
+    /// ifindex → the pinned links of its programs (ingress, if any, and egress).
+    tc_links: BTreeMap<u32, Vec<PathBuf>>,
     sock_links: Vec<PathBuf>,
     keep: bool,
 }
@@ -265,7 +278,8 @@ impl Datapath {
             return Ok(());
         }
         let mut paths = Vec::with_capacity(2);
-        for (name, direction) in [(programs.ingress, TcAttachType::Ingress), (programs.egress, TcAttachType::Egress)] {
+        let hooks = [(programs.ingress, TcAttachType::Ingress), (Some(programs.egress), TcAttachType::Egress)];
+        for (name, direction) in hooks.into_iter().filter_map(|(p, d)| Some((p?, d))) {
             let path = self.link_path(&format!("{name}_if{ifindex}"))?;
             let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
             let attached = prog
@@ -281,8 +295,7 @@ impl Datapath {
             }
             paths.push(path);
         }
-        let [ingress, egress]: [PathBuf; 2] = paths.try_into().expect("two links");
-        self.tc_links.insert(ifindex, [ingress, egress]);
+        self.tc_links.insert(ifindex, paths);
         Ok(())
     }
 

@@ -167,7 +167,9 @@ fn default_cgroup() -> Result<PathBuf> {
 
 /// Which tc program an interface gets, if any.
 fn tc_programs_for(args: &RunArgs, name: &str, l3: bool) -> Option<TcPrograms> {
-    if args.interfaces.iter().any(|i| i == name) {
+    if name == "lo" {
+        Some(TcPrograms::LOOPBACK)
+    } else if args.interfaces.iter().any(|i| i == name) {
         Some(if l3 { TcPrograms::L3DEV } else { TcPrograms::NETDEV })
     } else if args.pod_interface_prefixes.iter().any(|p| name.starts_with(p.as_str())) {
         Some(TcPrograms::POD)
@@ -371,11 +373,7 @@ impl Proxy {
                     return;
                 }
                 match self.dp.attach_tc(index, programs) {
-                    Ok(()) => log::info!(
-                        "attached {} (ingress) and {} (egress) to {name} (ifindex {index})",
-                        programs.ingress,
-                        programs.egress
-                    ),
+                    Ok(()) => log::info!("attached {} to {name} (ifindex {index})", programs.describe()),
                     Err(e) => log::error!("{e:#}"),
                 }
             }

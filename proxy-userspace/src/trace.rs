@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::{
     config::{NodeArgs, Origin},
     conntrack::{ConntrackMaps, monotonic_ns},
-    datapath::{Datapath, MapMode, PRIVATE_CONNTRACK_MAX, PROG_FROM_NETDEV, PROG_FROM_POD},
+    datapath::{Datapath, MapMode, PRIVATE_CONNTRACK_MAX, PROG_FROM_NETDEV, PROG_FROM_NODE, PROG_FROM_POD},
     model::{self, Model, ModelOptions, Protocol},
     objects,
     reconcile::{Reconciler, Tables},
@@ -194,9 +194,10 @@ pub fn is_reject_answer(out: &[u8], src: SocketAddrV4, dst: SocketAddrV4) -> boo
 /// The tc program that handles a packet from this origin in the deployed datapath.
 pub fn program_for(origin: Origin) -> &'static str {
     match origin {
-        // Node-local traffic is balanced at connect() by sock4_connect; with --socket-lb=false the
-        // packet of a local process enters the same lookup as a pod's.
-        Origin::LocalPod | Origin::Node => PROG_FROM_POD,
+        Origin::LocalPod => PROG_FROM_POD,
+        // The node's own packets meet the datapath at egress (sock4_connect balances most of them
+        // at connect() first; what it leaves, and everything with --socket-lb=false, is this).
+        Origin::Node => PROG_FROM_NODE,
         Origin::External => PROG_FROM_NETDEV,
     }
 }

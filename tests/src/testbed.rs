@@ -521,14 +521,23 @@ impl Node {
     /// A command run in pod `name`, inside the node's cgroup when `in_cgroup` (so socket-level load
     /// balancing applies to it, as it does to every pod on a real node).
     pub fn pod_command(&self, name: &str, in_cgroup: bool, program: &str, args: &[&str]) -> Command {
-        let pod = self.pod(name);
+        self.command_in(&self.pod(name).ns, in_cgroup, program, args)
+    }
+
+    /// A command run in the node's own network namespace — a kubelet, a hostNetwork pod, a node
+    /// agent — inside the node's cgroup when `in_cgroup` (the socket programs then see it).
+    pub fn node_command(&self, in_cgroup: bool, program: &str, args: &[&str]) -> Command {
+        self.command_in(&self.ns, in_cgroup, program, args)
+    }
+
+    fn command_in(&self, ns: &Netns, in_cgroup: bool, program: &str, args: &[&str]) -> Command {
         if in_cgroup {
-            let mut c = pod.ns.command("sh");
+            let mut c = ns.command("sh");
             let procs = self.cgroup.path.join("cgroup.procs");
             c.arg("-c").arg(format!("echo $$ > {} && exec \"$@\"", procs.display())).arg("sh").arg(program).args(args);
             c
         } else {
-            let mut c = pod.ns.command(program);
+            let mut c = ns.command(program);
             c.args(args);
             c
         }

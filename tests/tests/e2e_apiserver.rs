@@ -217,9 +217,9 @@ fn kill_9_and_a_restart_lose_no_request_and_keep_established_connections() {
     node.start_proxy(&proxy_binary(), LbMode::Socket).expect("restart");
     let log = node.proxy_log_text();
     assert!(log.contains("adopting 1 frontends") && log.contains("0 entries written, 0 deleted"), "{log}");
-    // The dead instance's links (4 socket programs; ingress and egress of 4 pod interfaces) are
-    // released once the new ones are attached and the maps checked.
-    assert!(log.contains("released 12 links left by an earlier instance"), "{log}");
+    // The dead instance's links (4 socket programs; ingress and egress of 4 pod interfaces; egress
+    // of lo) are released once the new ones are attached and the maps checked.
+    assert!(log.contains("released 13 links left by an earlier instance"), "{log}");
     // The new instance follows the API server.
     api.apply(&web(&node, 1)).unwrap();
     node.wait_for_syncs(2).unwrap();

@@ -386,12 +386,16 @@ fn udp_clients_keep_working_after_their_backend_is_replaced() {
     c.write_objects("dns.yaml", &dns(old)).unwrap();
     c.start_proxies(&proxy_binary(), LbMode::Socket, &[]).unwrap();
 
-    // A pod on node-a in the cgroup (connected socket to the ClusterIP), and the external client
-    // through node-a's NodePort (masqueraded to the remote pod).
+    // A pod on node-a and node-a itself in the cgroup (connected sockets to the ClusterIP), and the
+    // external client through node-a's NodePort (masqueraded to the remote pod).
     let mut clients = [
         (
             "pod (socket LB)",
             UdpStream::start(c.nodes[0].pod_command("pod-0", true, echo, &["stream", "10.96.0.53:53"])),
+        ),
+        (
+            "node-a itself (socket LB)",
+            UdpStream::start(c.nodes[0].node_command(true, echo, &["stream", "10.96.0.53:53"])),
         ),
         (
             "external client (NodePort)",
@@ -408,8 +412,6 @@ fn udp_clients_keep_working_after_their_backend_is_replaced() {
             assert!(a.starts_with(&format!("pod={b}-pod-0 ")), "{what}: {a}");
         }
     }
-    // The pod's connect() was left to the tc path, whose conntrack can be purged.
-    assert!(stat(&c, 0, STAT_SOCK_UDP_CONNECT_TO_TC) > 0);
     // The backend is replaced: new endpoint, then the old server is gone.
     c.write_objects("dns.yaml", &dns(new)).unwrap();
     c.wait_for_syncs(2).unwrap();
@@ -423,6 +425,8 @@ fn udp_clients_keep_working_after_their_backend_is_replaced() {
         }
     }
     assert!(c.nodes[0].proxy_log_text().contains("purged UDP flows"), "{}", c.nodes[0].proxy_log_text());
+    // The pod's and the node's connect() were left to the tc path, whose conntrack can be purged.
+    assert!(stat(&c, 0, STAT_SOCK_UDP_CONNECT_TO_TC) >= 2);
     drop(clients);
     for node in &mut c.nodes {
         node.stop_proxy().unwrap();

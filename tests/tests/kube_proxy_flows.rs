@@ -121,6 +121,7 @@ fn run_flows(test: &str) -> usize {
     assert!(!files.is_empty(), "no data files for {test}");
     let mut failures = Vec::new();
     let mut count = 0;
+    let mut programs = std::collections::BTreeMap::new();
     for file in &files {
         let flow: Flow = serde_yaml::from_str(&fs::read_to_string(file).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
@@ -171,6 +172,26 @@ fn run_flows(test: &str) -> usize {
                 json: true,
             };
             let report = tdp.trace(&args).unwrap_or_else(|e| panic!("{}: {}: {e:#}", file.display(), case.name));
+            // The packet meets the program it would meet on a node: a pod's at its interface's
+            // ingress, the node's own (its addresses, loopback) at egress, anything else at the
+            // external interface.
+            let program = if flow.node.ips.contains(&case.src) || case.src.is_loopback() {
+                "from_node"
+            } else if flow.node.cluster_cidr.is_some_and(|c| c.contains(&case.src)) {
+                "from_pod"
+            } else {
+                "from_netdev"
+            };
+            *programs.entry(program).or_insert(0) += 1;
+            if report.program != program {
+                failures.push(format!(
+                    "{} / {}: {} ran through {}, not {program}",
+                    file.file_name().unwrap().to_string_lossy(),
+                    case.name,
+                    case.src,
+                    report.program
+                ));
+            }
             let got = Expect {
                 verdict: match report.verdict {
                     Verdict::Forward => "forward",
@@ -202,7 +223,7 @@ fn run_flows(test: &str) -> usize {
         }
     }
     assert!(failures.is_empty(), "{} of {count} cases of {test} differ:\n{}", failures.len(), failures.join("\n"));
-    eprintln!("{test}: {count} kube-proxy packet-flow cases pass");
+    eprintln!("{test}: {count} kube-proxy packet-flow cases pass (through {programs:?})");
     count
 }
 
