@@ -62,6 +62,16 @@ pub struct CtReply {
 }
 assert_size!(CtReply, 40);
 
+/// How many reply tuples may be leased at once (`CT_LEASES`): a held tuple is changed — taken over,
+/// retired, released, collected — only by whoever first inserts it into that map with
+/// `BPF_NOEXIST` (one CPU, or the collector, wins), and only if the entry still reads as it did when
+/// the change was decided; the lease is deleted right after. Leases last microseconds: at most one
+/// per CPU and the collector's one.
+pub const CT_LEASES_MAX: u32 = 1024;
+/// A lease older than this (its value: `bpf_ktime_get_ns()` when taken) was left by a process that
+/// died while holding it (the datapath never keeps one past its run): the collector removes it.
+pub const CT_LEASE_STALE_NS: u64 = SEC;
+
 /// The tuple's connection is gone (its original tuple was reused by a new connection), but its
 /// backend closed first and may hold the tuple in TIME_WAIT for a while: the tuple is kept, as
 /// closed, until `BACKEND_TIME_WAIT_NS` after its last packet.

@@ -2,6 +2,13 @@
 //! connection in either direction and advancing its one state, creating connections (the reply
 //! tuple claimed atomically first), displacing recent unassured ones when the table is full, and
 //! removing dead ones as they are met.
+//!
+//! A reply tuple is what makes an SNAT port (or a client's port at a backend) one connection's, so
+//! two CPUs must never both take one. A free tuple is claimed by inserting it with `BPF_NOEXIST`;
+//! a held one is changed (taken over, retired, released) only under its lease (`CT_LEASES`, taken
+//! with `BPF_NOEXIST` too), and only if it still reads as it did when the change was decided.
+//! Deleting and re-inserting instead would let a CPU acting on what it read a moment earlier delete
+//! another's fresh claim (two connections on one port), and a tuple briefly absent looks free.
 
 use core::ptr::NonNull;
 
@@ -20,7 +27,7 @@ use proxy_common::{
 };
 
 use crate::{
-    maps::{CONNTRACK, CT_RECENT, CT_RECENT_CURSOR, CT_REPLY},
+    maps::{CONNTRACK, CT_LEASES, CT_RECENT, CT_RECENT_CURSOR, CT_REPLY},
     packet::{FRAG_LATER, Packet},
     pod_source, stats, tcp,
 };
@@ -118,24 +125,74 @@ pub extern "C" fn epx_note_close(skb: *mut __sk_buff, pkt: *const Packet, entry:
 /// would refuse a new SYN on it.
 #[inline(always)]
 pub fn remove(orig: &CtKey, entry: &CtEntry) {
+    epx_remove_connection(orig, entry);
+}
+
+/// [`remove`] as a global BPF function: called from many paths, each of which would otherwise carry
+/// its frame (the lease and the entry read) on a stack that is deep already.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_remove_connection(orig: *const CtKey, entry: *const CtEntry) -> i32 {
+    // SAFETY: checked non-null; the caller's own values.
+    let (Some(orig), Some(entry)) = (unsafe { orig.as_ref() }, unsafe { entry.as_ref() }) else { return 0 };
+    remove_now(orig, entry);
+    0
+}
+
+#[inline(always)]
+fn remove_now(orig: &CtKey, entry: &CtEntry) {
     let reply = ct_reply_key(orig, entry);
-    if let Some(held) = CT_REPLY.get_ptr_mut(&reply)
-        && unsafe { (*held).orig } == *orig
-    {
-        let in_time_wait = ct_closed(entry)
-            && entry.flags & CT_F_BACKEND_TIME_WAIT != 0
-            && now_ns().saturating_sub(entry.last_seen_ns) < BACKEND_TIME_WAIT_NS;
-        if in_time_wait {
-            // SAFETY: a map value, valid for this program run.
-            let held = unsafe { &mut *held };
-            held.claimed_ns = entry.last_seen_ns;
-            held.end = CtClosedEnd::of(entry);
-            held.flags = CT_REPLY_F_RETIRED;
-        } else {
-            let _ = CT_REPLY.remove(&reply);
+    if let Some(held) = CT_REPLY.get_ptr(&reply) {
+        // SAFETY: a map value, valid for this program run.
+        let seen = unsafe { *held };
+        let now = now_ns();
+        // Still this connection's; and nobody else is changing it (or it is theirs now).
+        if seen.orig == *orig
+            && let Some(held) = lease(&reply, &seen, now)
+        {
+            let in_time_wait = ct_closed(entry)
+                && entry.flags & CT_F_BACKEND_TIME_WAIT != 0
+                && now.saturating_sub(entry.last_seen_ns) < BACKEND_TIME_WAIT_NS;
+            if in_time_wait {
+                // SAFETY: leased to us.
+                unsafe {
+                    *held = CtReply {
+                        claimed_ns: entry.last_seen_ns,
+                        end: CtClosedEnd::of(entry),
+                        flags: CT_REPLY_F_RETIRED,
+                        ..seen
+                    }
+                };
+            } else {
+                let _ = CT_REPLY.remove(&reply);
+            }
+            unlease(&reply);
         }
     }
     let _ = CONNTRACK.remove(orig);
+}
+
+/// Takes the lease on reply tuple `reply` (see the module header), if nobody holds it and the
+/// entry still reads as `seen`, what the change was decided on: the entry, ours to change until
+/// [`unlease`].
+#[inline(always)]
+fn lease(reply: &CtKey, seen: &CtReply, now: u64) -> Option<*mut CtReply> {
+    if CT_LEASES.insert(reply, &now, BPF_NOEXIST as u64).is_err() {
+        return None;
+    }
+    match CT_REPLY.get_ptr_mut(reply) {
+        // SAFETY: a map value, valid for this program run (compared in place, not copied).
+        Some(held) if unsafe { &*held } == seen => Some(held),
+        _ => {
+            unlease(reply);
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn unlease(reply: &CtKey) {
+    let _ = CT_LEASES.remove(reply);
 }
 
 /// The connection a packet in the original direction belongs to. A dead connection is removed; a
@@ -208,8 +265,23 @@ pub enum Holder {
 #[inline(always)]
 pub fn holder(reply: &CtKey, now: u64) -> Holder {
     let Some(held) = CT_REPLY.get_ptr(reply) else { return Holder::Free };
-    let held = unsafe { *held };
-    let connection = CONNTRACK.get_ptr(&held.orig).map(|e| unsafe { *e });
+    // SAFETY: a map value, valid for this program run.
+    match holder_of(reply, &unsafe { *held }, now) {
+        // Another CPU is taking it over (or retiring, releasing it) right now: what we read may be
+        // half its, and it will be the other CPU's.
+        Holder::Dead | Holder::Closed { .. } | Holder::Unanswered { .. } if CT_LEASES.get_ptr(reply).is_some() => {
+            Holder::Live
+        }
+        other => other,
+    }
+}
+
+/// Who holds `reply`, whose entry reads `held`.
+#[inline(always)]
+fn holder_of(reply: &CtKey, held: &CtReply, now: u64) -> Holder {
+    // By reference, not copied: this runs deep in the new-connection path's stack.
+    // SAFETY: a map value, valid for this program run.
+    let connection = CONNTRACK.get_ptr(&held.orig).map(|e| unsafe { &*e });
     let Some(e) = connection.filter(|e| ct_reply_key(&held.orig, e) == *reply) else {
         let idle = now.saturating_sub(held.claimed_ns);
         // A retired tuple whose backend may still hold it in TIME_WAIT.
@@ -223,10 +295,10 @@ pub fn holder(reply: &CtKey, now: u64) -> Holder {
             Holder::Dead
         };
     };
-    if !ct_alive(&e, held.orig.proto, now) {
+    if !ct_alive(e, held.orig.proto, now) {
         Holder::Dead
-    } else if ct_closed(&e) {
-        Holder::Closed { last_seen_ns: e.last_seen_ns, end: CtClosedEnd::of(&e) }
+    } else if ct_closed(e) {
+        Holder::Closed { last_seen_ns: e.last_seen_ns, end: CtClosedEnd::of(e) }
     } else if e.flags & CT_F_ASSURED == 0 && now.saturating_sub(e.created_ns) > CT_UNANSWERED_TAKEOVER_NS {
         Holder::Unanswered { created_ns: e.created_ns }
     } else {
@@ -234,9 +306,11 @@ pub fn holder(reply: &CtKey, now: u64) -> Holder {
     }
 }
 
-/// Claims `reply` for the connection `orig` with `BPF_NOEXIST` — atomic across CPUs, so two new
-/// connections never share an SNAT port or a tuple at the backend. A dead, closed or unanswered
-/// holder (the caller decided it may go) is removed first. `Ok(false)`: another connection holds it.
+/// Claims `reply` for the connection `orig`, atomically across CPUs, so two new connections never
+/// share an SNAT port or a tuple at the backend: a free tuple by inserting it with `BPF_NOEXIST`; one
+/// held by a dead, closed or unanswered connection (the caller decided it may go) under its lease,
+/// the old holder removed and the tuple rewritten in place. `Ok(false)`: another connection holds
+/// it, or another CPU got to it first.
 #[inline(always)]
 pub fn claim(reply: &CtKey, orig: &CtKey, now: u64) -> Result<bool, u32> {
     match epx_claim_reply(reply, orig, now) {
@@ -263,33 +337,43 @@ pub extern "C" fn epx_claim_reply(reply: *const CtKey, orig: *const CtKey, now: 
 
 #[inline(always)]
 fn claim_now(reply: &CtKey, orig: &CtKey, now: u64) -> Result<bool, u32> {
-    match holder(reply, now) {
-        Holder::Free => {}
-        Holder::Live => return Ok(false),
-        Holder::Dead | Holder::Closed { .. } | Holder::Unanswered { .. } => {
-            if let Some(held) = CT_REPLY.get_ptr(reply) {
-                let holder = unsafe { (*held).orig };
-                if let Some(e) = CONNTRACK.get_ptr(&holder) {
-                    let e = unsafe { *e };
-                    if ct_reply_key(&holder, &e) == *reply {
-                        let _ = CONNTRACK.remove(&holder);
-                    }
-                }
-                let _ = CT_REPLY.remove(reply);
-            }
-        }
+    let Some(held) = CT_REPLY.get_ptr(reply) else {
+        let value = CtReply { orig: *orig, claimed_ns: now, ..CtReply::default() };
+        return insert_new(|| CT_REPLY.insert(reply, &value, BPF_NOEXIST as u64));
+    };
+    // SAFETY: a map value, valid for this program run.
+    let seen = unsafe { *held };
+    if matches!(holder_of(reply, &seen, now), Holder::Free | Holder::Live) {
+        return Ok(false);
     }
-    let value = CtReply { orig: *orig, claimed_ns: now, ..CtReply::default() };
-    insert_new(|| CT_REPLY.insert(reply, &value, BPF_NOEXIST as u64))
+    let Some(held) = lease(reply, &seen, now) else { return Ok(false) };
+    // The connection that held it goes (if the tuple is still its).
+    if let Some(e) = CONNTRACK.get_ptr(&seen.orig)
+        && ct_reply_key(&seen.orig, unsafe { &*e }) == *reply
+    {
+        let _ = CONNTRACK.remove(&seen.orig);
+    }
+    // SAFETY: leased to us.
+    unsafe {
+        (*held).orig = *orig;
+        (*held).claimed_ns = now;
+        (*held).end = CtClosedEnd::default();
+        (*held).flags = 0;
+    }
+    unlease(reply);
+    Ok(true)
 }
 
 /// Gives up a claimed reply tuple (the connection could not be created after all).
 #[inline(always)]
 pub fn release_reply(reply: &CtKey, orig: &CtKey) {
-    if let Some(held) = CT_REPLY.get_ptr(reply)
-        && unsafe { (*held).orig } == *orig
-    {
-        let _ = CT_REPLY.remove(reply);
+    if let Some(held) = CT_REPLY.get_ptr(reply) {
+        // SAFETY: a map value, valid for this program run.
+        let seen = unsafe { *held };
+        if seen.orig == *orig && lease(reply, &seen, now_ns()).is_some() {
+            let _ = CT_REPLY.remove(reply);
+            unlease(reply);
+        }
     }
 }
 

@@ -7,11 +7,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    Affinity, AffinityKey, Backend, BackendSlotKey, CT_RECENT_SLOTS, CtEntry, CtKey, CtRecentCursor, CtReply, FragKey,
-    FragPorts, Frontend, FrontendKey, MAX_AFFINITY, MAX_BACKEND_MEMBERS, MAX_BACKEND_SLOTS, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_FRAGMENTS, MAX_FRONTENDS, MAX_NODE_ADDRS, MAX_POD_IFACES, MAX_SERVICE_ADDRS, MAX_SOCK_ENTRIES,
-    MAX_SOURCE_RANGES, MemberKey, NodeAddr, NodeConfig, PodIface, RejectBudget, RevNat, STAT_MAX, ServiceAddr,
-    SockFlow, SockFlowKey, SockPeer, SockRevNatKey, SourceRangeKey,
+    Affinity, AffinityKey, Backend, BackendSlotKey, CT_LEASES_MAX, CT_RECENT_SLOTS, CtEntry, CtKey, CtRecentCursor,
+    CtReply, FragKey, FragPorts, Frontend, FrontendKey, MAX_AFFINITY, MAX_BACKEND_MEMBERS, MAX_BACKEND_SLOTS,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_FRONTENDS, MAX_NODE_ADDRS, MAX_POD_IFACES, MAX_SERVICE_ADDRS,
+    MAX_SOCK_ENTRIES, MAX_SOURCE_RANGES, MemberKey, NodeAddr, NodeConfig, PodIface, RejectBudget, RevNat, STAT_MAX,
+    ServiceAddr, SockFlow, SockFlowKey, SockPeer, SockRevNatKey, SourceRangeKey,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -55,6 +55,11 @@ pub static CONNTRACK: HashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }, NO_PRE
 /// Reply tuple → original tuple, one per connection.
 #[btf_map]
 pub static CT_REPLY: HashMap<CtKey, CtReply, { MAX_CONNTRACK as usize }, NO_PREALLOC> = HashMap::new();
+
+/// Reply tuples being changed (taken over, retired, released, collected) → when the lease was taken:
+/// the one way to change a held reply tuple (see proxy-common's `CT_LEASES_MAX`).
+#[btf_map]
+pub static CT_LEASES: HashMap<CtKey, u64, { CT_LEASES_MAX as usize }, NO_PREALLOC> = HashMap::new();
 
 /// The most recently created connections: where early drop looks for one to displace.
 #[btf_map]

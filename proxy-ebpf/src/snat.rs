@@ -145,8 +145,13 @@ pub fn allocate(
     };
     // A claim lost to another CPU between the search and the insert searches once more.
     for _ in 0..2 {
+        // A fresh window and fresh candidates: the port just lost to another CPU (and the ones seen
+        // around it) are no candidates any more.
         probe.start = unsafe { bpf_get_prandom_u32() } % span;
         probe.claimed = 0;
+        probe.reusable_seen = u64::MAX;
+        probe.risky_seen = u64::MAX;
+        probe.unanswered_created = u64::MAX;
         for i in 0..SNAT_RETRIES {
             if epx_probe_port(&raw mut probe, i) != 0 {
                 break;

@@ -4,7 +4,9 @@
 //!
 //! The datapath removes a dead connection when a packet meets it; the collector removes the ones no
 //! packet will meet again, so the table's size stays the number of live connections. It judges
-//! liveness with the same functions as the programs (proxy-common's `ct_alive`).
+//! liveness with the same functions as the programs (proxy-common's `ct_alive`), and removes a
+//! reply tuple only under its lease (`CT_LEASES`), as the programs change one, so that it never
+//! deletes a tuple a CPU has just taken over.
 
 use std::{
     collections::BTreeSet,
@@ -20,7 +22,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{
-    BACKEND_TIME_WAIT_NS, CT_CLAIM_GRACE_NS, CT_REPLY_F_RETIRED, CtEntry, CtKey, CtReply, ct_alive, ct_reply_key,
+    BACKEND_TIME_WAIT_NS, CT_CLAIM_GRACE_NS, CT_LEASE_STALE_NS, CT_REPLY_F_RETIRED, CtEntry, CtKey, CtReply, ct_alive,
+    ct_reply_key,
 };
 
 use crate::{batch, datapath::open_pinned};
@@ -31,11 +34,17 @@ const ORPHAN_AGE_NS: u64 = 10 * CT_CLAIM_GRACE_NS;
 
 type Connections<'a> = HashMap<&'a mut MapData, CtKey, CtEntry>;
 type Replies<'a> = HashMap<&'a mut MapData, CtKey, CtReply>;
+type Leases<'a> = HashMap<&'a mut MapData, CtKey, u64>;
 
-/// `CONNTRACK` (original tuple → connection) and `CT_REPLY` (reply tuple → original tuple).
+/// `BPF_NOEXIST`: a lease is taken by whoever inserts it first.
+const BPF_NOEXIST: u64 = 1;
+
+/// `CONNTRACK` (original tuple → connection), `CT_REPLY` (reply tuple → original tuple) and
+/// `CT_LEASES` (reply tuples being changed).
 pub struct ConntrackMaps {
     conntrack: Map,
     replies: Map,
+    leases: Map,
     /// Capacity (`--conntrack-max`).
     pub capacity: u32,
 }
@@ -59,17 +68,21 @@ pub struct Collected {
 }
 
 impl ConntrackMaps {
-    pub fn new(conntrack: Map, replies: Map) -> Result<Self> {
+    pub fn new(conntrack: Map, replies: Map, leases: Map) -> Result<Self> {
         let capacity = match &conntrack {
             Map::HashMap(data) => data.info()?.max_entries(),
             _ => anyhow::bail!("CONNTRACK is not a hash map"),
         };
-        Ok(Self { conntrack, replies, capacity })
+        Ok(Self { conntrack, replies, leases, capacity })
     }
 
     /// The maps of a running instance, through their pins.
     pub fn pinned(bpffs: &Path) -> Result<Self> {
-        Self::new(open_pinned(bpffs, "CONNTRACK")?.0, open_pinned(bpffs, "CT_REPLY")?.0)
+        Self::new(
+            open_pinned(bpffs, "CONNTRACK")?.0,
+            open_pinned(bpffs, "CT_REPLY")?.0,
+            open_pinned(bpffs, "CT_LEASES")?.0,
+        )
     }
 
     /// Every connection (dead ones too, until removed).
@@ -82,9 +95,13 @@ impl ConntrackMaps {
         batch::dump(fd(&self.replies)?).context("reading CT_REPLY")
     }
 
-    /// Both maps, for reading and writing entry by entry.
-    fn maps(&mut self) -> Result<(Connections<'_>, Replies<'_>)> {
-        Ok((HashMap::try_from(&mut self.conntrack)?, HashMap::try_from(&mut self.replies)?))
+    /// The maps, for reading and writing entry by entry.
+    fn maps(&mut self) -> Result<(Connections<'_>, Replies<'_>, Leases<'_>)> {
+        Ok((
+            HashMap::try_from(&mut self.conntrack)?,
+            HashMap::try_from(&mut self.replies)?,
+            HashMap::try_from(&mut self.leases)?,
+        ))
     }
 
     /// One connection, if tracked.
@@ -99,7 +116,7 @@ impl ConntrackMaps {
 
     /// Writes a connection and its reply tuple (tests, and tools that seed a table).
     pub fn insert(&mut self, orig: &CtKey, entry: &CtEntry) -> Result<()> {
-        let (mut conntrack, mut replies) = self.maps()?;
+        let (mut conntrack, mut replies, _) = self.maps()?;
         let reply = CtReply { orig: *orig, claimed_ns: entry.created_ns, ..CtReply::default() };
         replies.insert(&ct_reply_key(orig, entry), &reply, 0)?;
         conntrack.insert(orig, entry, 0)?;
@@ -110,7 +127,7 @@ impl ConntrackMaps {
     pub fn clear(&mut self) -> Result<()> {
         let connections = self.connections()?;
         let replies = self.replies()?;
-        let (mut conntrack, mut reply_map) = self.maps()?;
+        let (mut conntrack, mut reply_map, _) = self.maps()?;
         for (k, _) in connections {
             let _ = conntrack.remove(&k);
         }
@@ -123,15 +140,17 @@ impl ConntrackMaps {
     /// Removes connections, both directions, if they are still the ones read (a connection
     /// re-created on the same tuple since has another creation time and stays).
     pub fn remove(&mut self, victims: &[(CtKey, CtEntry)]) -> Result<usize> {
-        let (mut conntrack, mut replies) = self.maps()?;
+        let (mut conntrack, mut replies, mut leases) = self.maps()?;
         let mut removed = 0;
         for (orig, entry) in victims {
             if conntrack.get(orig, 0).ok().is_none_or(|c| c.created_ns != entry.created_ns) {
                 continue;
             }
             let reply = ct_reply_key(orig, entry);
-            if replies.get(&reply, 0).is_ok_and(|r| r.orig == *orig) {
-                let _ = replies.remove(&reply);
+            if let Ok(r) = replies.get(&reply, 0)
+                && r.orig == *orig
+            {
+                remove_leased(&mut replies, &mut leases, &reply, &r);
             }
             // Already gone (the datapath met it first) is as good.
             if conntrack.remove(orig).is_ok() {
@@ -158,17 +177,39 @@ impl ConntrackMaps {
                 !wanted.contains(&(*reply, r.orig)) && now_ns.saturating_sub(r.claimed_ns) > keep_for
             })
             .collect();
-        let (conntrack, mut replies) = self.maps()?;
+        let (conntrack, mut replies, mut leases) = self.maps()?;
         let mut removed_orphans = 0;
         for (reply, r) in &orphans {
             // Re-check: a connection created since the read may own it now.
             let owned = conntrack.get(&r.orig, 0).is_ok_and(|e| ct_reply_key(&r.orig, &e) == *reply);
-            if !owned && replies.get(reply, 0).ok() == Some(*r) && replies.remove(reply).is_ok() {
+            if !owned && remove_leased(&mut replies, &mut leases, reply, r) {
                 removed_orphans += 1;
             }
         }
+        // Leases are held for microseconds; one this old was left by a process that died holding it.
+        let stale: Vec<CtKey> = leases
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, taken)| now_ns.saturating_sub(*taken) > CT_LEASE_STALE_NS)
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            let _ = leases.remove(&k);
+        }
         Ok(Collected { alive: alive.len(), dead: dead_count, orphans: removed_orphans })
     }
+}
+
+/// Deletes reply tuple `reply` under its lease, as the datapath changes one, if it still reads `seen`:
+/// true if deleted. Without the lease, a CPU taking the tuple over between the check and the
+/// delete would lose its claim.
+fn remove_leased(replies: &mut Replies<'_>, leases: &mut Leases<'_>, reply: &CtKey, seen: &CtReply) -> bool {
+    if leases.insert(reply, &monotonic_ns(), BPF_NOEXIST).is_err() {
+        return false;
+    }
+    let removed = replies.get(reply, 0).ok() == Some(*seen) && replies.remove(reply).is_ok();
+    let _ = leases.remove(reply);
+    removed
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns()`.

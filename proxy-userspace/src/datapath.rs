@@ -44,7 +44,7 @@ pub const TC_PROGRAMS: [&str; 5] =
 /// The benchmarks' baseline (never attached).
 pub const PROG_BASELINE: &str = "parse_only";
 pub const SOCK_PROGRAMS: [&str; 4] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];
-pub const MAP_NAMES: [&str; 18] = [
+pub const MAP_NAMES: [&str; 19] = [
     "FRONTENDS",
     "BACKEND_SLOTS",
     "BACKENDS",
@@ -56,6 +56,7 @@ pub const MAP_NAMES: [&str; 18] = [
     "AFFINITY",
     "CONNTRACK",
     "CT_REPLY",
+    "CT_LEASES",
     "CT_RECENT",
     "CT_RECENT_CURSOR",
     "SOCK_REV_NAT",
@@ -240,7 +241,7 @@ impl Datapath {
 
     /// The connection table's maps.
     pub fn conntrack(&mut self) -> Result<ConntrackMaps> {
-        ConntrackMaps::new(self.take_map("CONNTRACK")?, self.take_map("CT_REPLY")?)
+        ConntrackMaps::new(self.take_map("CONNTRACK")?, self.take_map("CT_REPLY")?, self.take_map("CT_LEASES")?)
     }
 
     /// The per-reason counters, summed over CPUs.

@@ -10,8 +10,8 @@ use ebpf_proxy::datapath::{PROG_FROM_NETDEV, PROG_FROM_POD};
 use proxy_common::{
     CT_F_ASSURED, CT_STATE_CLOSE, CT_STATE_ESTABLISHED, CT_STATE_SYN_RECV, CtKey, PROTO_TCP, PROTO_UDP, SNAT_RETRIES,
     STAT_CT_EARLY_DROP, STAT_CT_NEW, STAT_DROP_CT_FULL, STAT_DROP_SNAT_EXHAUSTED, STAT_FORWARD_DNAT, STAT_REVERSE_NAT,
-    STAT_SNAT, STAT_SNAT_COLLISION, STAT_SNAT_REUSE_CLOSED, STAT_SNAT_REUSE_UNANSWERED, addr_to_map, ct_remaining_ns,
-    port_to_map,
+    STAT_SNAT, STAT_SNAT_COLLISION, STAT_SNAT_REUSE_CLOSED, STAT_SNAT_REUSE_UNANSWERED, TCP_RST, addr_to_map,
+    ct_remaining_ns, port_to_map,
 };
 use tests::{
     packets::{self, inspect},
@@ -271,6 +271,76 @@ fn two_clients_racing_for_the_last_snat_port_never_both_get_it() {
     assert_eq!((both, neither), (0, 0), "rounds where both clients got the one port / neither did");
     assert!(results.iter().flatten().all(|&r| r == TC_ACT_OK || r == TC_ACT_SHOT || r == TC_ACT_REDIRECT));
     assert_eq!(bed.tdp.conntrack.connections().unwrap().len(), usize::from(ROUNDS), "one connection per port");
+}
+
+#[test]
+fn two_cpus_taking_over_closed_ports_never_share_one_nor_refuse_a_client() {
+    // Two SNAT ports, both held by connections that are over (reset after their SYN). Two clients
+    // race for them, round after round: both searches pick the same port (the one idle longest) and
+    // one CPU loses it. The loser must take the other port — not retry the stale candidate, nor take
+    // a port that only looks free because the winner is rewriting it — and the winner must never have
+    // its fresh claim deleted under it by the loser (two connections on one port).
+    const ROUNDS: u16 = 600;
+    let bed = ProgBed::new(&racing_objects(ROUNDS), (61_000, 61_001));
+    let holders = [
+        SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 1), 50_000),
+        SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 2), 50_000),
+    ];
+    for i in 0..ROUNDS {
+        let node_port = SocketAddrV4::new(NODE_IP, 30_000 + i);
+        for holder in holders {
+            let (ret, out) = bed.run(PROG_FROM_NETDEV, &packets::tcp(holder, node_port, true, false, &[]));
+            assert_ne!(ret, TC_ACT_SHOT, "round {i}: a free port was not taken");
+            assert_eq!(*inspect(&out).src.ip(), NODE_IP);
+            bed.run(PROG_FROM_NETDEV, &packets::tcp_ts(holder, node_port, TCP_RST, 1, 0, 0));
+        }
+    }
+    let before = bed.stats();
+    let start = SpinBarrier::default();
+    let results: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let threads: Vec<_> = [EXTERNAL, OTHER_CLIENT]
+            .iter()
+            .map(|client| {
+                let (bed, start) = (&bed, &start);
+                s.spawn(move || {
+                    tests::isolate_thread_netns();
+                    (0..ROUNDS)
+                        .map(|i| {
+                            let frame = packets::tcp(*client, SocketAddrV4::new(NODE_IP, 30_000 + i), true, false, &[]);
+                            start.wait(u64::from(i));
+                            bed.run(PROG_FROM_NETDEV, &frame).0
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let after = bed.stats();
+    let reused = after[STAT_SNAT_REUSE_CLOSED as usize] - before[STAT_SNAT_REUSE_CLOSED as usize];
+    let refused =
+        (0..ROUNDS as usize).filter(|&i| results[0][i] == TC_ACT_SHOT || results[1][i] == TC_ACT_SHOT).count();
+    // Every round's two new connections on two distinct ports.
+    let conns = bed.tdp.conntrack.connections().unwrap();
+    let shared = (0..ROUNDS)
+        .filter(|&i| {
+            let mut ports: Vec<u16> = conns
+                .iter()
+                .filter(|(k, e)| k.dport == port_to_map(30_000 + i) && e.state != CT_STATE_CLOSE)
+                .map(|(_, e)| e.snat_port)
+                .collect();
+            let n = ports.len();
+            ports.sort_unstable();
+            ports.dedup();
+            ports.len() != n
+        })
+        .count();
+    assert_eq!(
+        (refused, shared),
+        (0, 0),
+        "rounds with a client refused / with two connections on one port ({reused} ports taken over)"
+    );
+    assert_eq!(reused, 2 * u64::from(ROUNDS), "every new connection took over a closed port");
 }
 
 #[test]
