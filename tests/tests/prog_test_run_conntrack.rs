@@ -240,20 +240,18 @@ fn racing_objects(rounds: u16) -> String {
     s
 }
 
-#[test]
-fn two_clients_racing_for_the_last_snat_port_never_both_get_it() {
-    const ROUNDS: u16 = 600;
-    let bed = ProgBed::new(&racing_objects(ROUNDS), ONE_PORT);
+/// Two clients (on two CPUs, started together by a spin barrier) each send a SYN to NodePort
+/// 30000 + i in round i; every program's answer, per client and round.
+fn race(bed: &ProgBed, rounds: u16) -> Vec<Vec<u32>> {
     let start = SpinBarrier::default();
-    let clients = [EXTERNAL, OTHER_CLIENT];
-    let results: Vec<Vec<u32>> = std::thread::scope(|s| {
-        let threads: Vec<_> = clients
+    std::thread::scope(|s| {
+        let threads: Vec<_> = [EXTERNAL, OTHER_CLIENT]
             .iter()
             .map(|client| {
-                let (bed, start) = (&bed, &start);
+                let start = &start;
                 s.spawn(move || {
                     tests::isolate_thread_netns();
-                    (0..ROUNDS)
+                    (0..rounds)
                         .map(|i| {
                             let frame = packets::tcp(*client, SocketAddrV4::new(NODE_IP, 30_000 + i), true, false, &[]);
                             start.wait(u64::from(i));
@@ -264,7 +262,14 @@ fn two_clients_racing_for_the_last_snat_port_never_both_get_it() {
             })
             .collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()
-    });
+    })
+}
+
+#[test]
+fn two_clients_racing_for_the_last_snat_port_never_both_get_it() {
+    const ROUNDS: u16 = 600;
+    let bed = ProgBed::new(&racing_objects(ROUNDS), ONE_PORT);
+    let results = race(&bed, ROUNDS);
     let both = (0..ROUNDS as usize).filter(|&i| results[0][i] != TC_ACT_SHOT && results[1][i] != TC_ACT_SHOT).count();
     let neither =
         (0..ROUNDS as usize).filter(|&i| results[0][i] == TC_ACT_SHOT && results[1][i] == TC_ACT_SHOT).count();
@@ -296,26 +301,7 @@ fn two_cpus_taking_over_closed_ports_never_share_one_nor_refuse_a_client() {
         }
     }
     let before = bed.stats();
-    let start = SpinBarrier::default();
-    let results: Vec<Vec<u32>> = std::thread::scope(|s| {
-        let threads: Vec<_> = [EXTERNAL, OTHER_CLIENT]
-            .iter()
-            .map(|client| {
-                let (bed, start) = (&bed, &start);
-                s.spawn(move || {
-                    tests::isolate_thread_netns();
-                    (0..ROUNDS)
-                        .map(|i| {
-                            let frame = packets::tcp(*client, SocketAddrV4::new(NODE_IP, 30_000 + i), true, false, &[]);
-                            start.wait(u64::from(i));
-                            bed.run(PROG_FROM_NETDEV, &frame).0
-                        })
-                        .collect()
-                })
-            })
-            .collect();
-        threads.into_iter().map(|t| t.join().unwrap()).collect()
-    });
+    let results = race(&bed, ROUNDS);
     let after = bed.stats();
     let reused = after[STAT_SNAT_REUSE_CLOSED as usize] - before[STAT_SNAT_REUSE_CLOSED as usize];
     let refused =
