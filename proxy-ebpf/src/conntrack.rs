@@ -200,9 +200,11 @@ fn unlease(reply: &CtKey) {
 /// kernel's conntrack reopens it. A pod's packet that is not the pod's own is an error (see
 /// `pod_source`), found before it could move the connection's state.
 #[inline(always)]
-pub fn lookup_orig(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<Option<Conn>, u32> {
+pub fn lookup_orig(ctx: &TcContext, pkt: &Packet) -> Result<Option<Conn>, u32> {
     let orig = tuple(pkt);
     let Some(ptr) = CONNTRACK.get_ptr_mut(&orig) else { return Ok(None) };
+    // The clock is read only once there is a connection: a packet of none should not pay for it.
+    let now = now_ns();
     // SAFETY: a map value, valid for this program run.
     let entry = unsafe { &mut *ptr };
     if !ct_alive(entry, pkt.proto, now) {
@@ -223,9 +225,10 @@ pub fn lookup_orig(ctx: &TcContext, pkt: &Packet, now: u64) -> Result<Option<Con
 /// that is not the pod's own is an error, as in [`lookup_orig`]; the node's own (`from_node`) are
 /// trusted.
 #[inline(always)]
-pub fn lookup_reply(ctx: &TcContext, pkt: &Packet, now: u64, from_node: bool) -> Result<Option<Conn>, u32> {
+pub fn lookup_reply(ctx: &TcContext, pkt: &Packet, from_node: bool) -> Result<Option<Conn>, u32> {
     let reply = tuple(pkt);
     let Some(held) = CT_REPLY.get_ptr(&reply) else { return Ok(None) };
+    let now = now_ns();
     let orig = unsafe { (*held).orig };
     // Missing, or holding another reply tuple: a connection being created, or a leftover (which
     // the collector or the next claim removes).
@@ -313,7 +316,23 @@ fn holder_of(reply: &CtKey, held: &CtReply, now: u64) -> Holder {
 /// it, or another CPU got to it first.
 #[inline(always)]
 pub fn claim(reply: &CtKey, orig: &CtKey, now: u64) -> Result<bool, u32> {
-    match epx_claim_reply(reply, orig, now) {
+    claim_as(reply, orig, now, CLAIM_TAKE_OVER)
+}
+
+/// [`claim`], but only if the tuple is free or its holder dead — never one a connection that is
+/// over, or unanswered, still holds (a client's own port at a backend that may hold it).
+#[inline(always)]
+pub fn claim_if_unheld(reply: &CtKey, orig: &CtKey, now: u64) -> Result<bool, u32> {
+    claim_as(reply, orig, now, CLAIM_UNHELD)
+}
+
+/// How far a claim may go: also over closed and unanswered holders, or only over dead ones.
+const CLAIM_TAKE_OVER: u32 = 0;
+const CLAIM_UNHELD: u32 = 1;
+
+#[inline(always)]
+fn claim_as(reply: &CtKey, orig: &CtKey, now: u64, mode: u32) -> Result<bool, u32> {
+    match epx_claim_reply(reply, orig, now, mode) {
         1 => Ok(true),
         0 => Ok(false),
         reason => Err(-reason as u32),
@@ -324,27 +343,34 @@ pub fn claim(reply: &CtKey, orig: &CtKey, now: u64) -> Result<bool, u32> {
 /// drop reason.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn epx_claim_reply(reply: *const CtKey, orig: *const CtKey, now: u64) -> i32 {
+pub extern "C" fn epx_claim_reply(reply: *const CtKey, orig: *const CtKey, now: u64, mode: u32) -> i32 {
     if reply.is_null() || orig.is_null() {
         return -(STAT_DROP_CT_FULL as i32);
     }
     // SAFETY: checked non-null; the caller's own stack values.
-    match claim_now(unsafe { &*reply }, unsafe { &*orig }, now) {
+    match claim_now(unsafe { &*reply }, unsafe { &*orig }, now, mode) {
         Ok(claimed) => i32::from(claimed),
         Err(reason) => -(reason as i32),
     }
 }
 
 #[inline(always)]
-fn claim_now(reply: &CtKey, orig: &CtKey, now: u64) -> Result<bool, u32> {
+fn claim_now(reply: &CtKey, orig: &CtKey, now: u64, mode: u32) -> Result<bool, u32> {
+    // A free tuple is the common case: the insert claims it at once (and is what decides a race).
+    let value = CtReply { orig: *orig, claimed_ns: now, ..CtReply::default() };
+    if insert_new(|| CT_REPLY.insert(reply, &value, BPF_NOEXIST as u64))? {
+        return Ok(true);
+    }
     let Some(held) = CT_REPLY.get_ptr(reply) else {
-        let value = CtReply { orig: *orig, claimed_ns: now, ..CtReply::default() };
+        // Deleted since the insert found it: free again, for whoever inserts first.
         return insert_new(|| CT_REPLY.insert(reply, &value, BPF_NOEXIST as u64));
     };
     // SAFETY: a map value, valid for this program run.
     let seen = unsafe { *held };
-    if matches!(holder_of(reply, &seen, now), Holder::Free | Holder::Live) {
-        return Ok(false);
+    match holder_of(reply, &seen, now) {
+        Holder::Free | Holder::Live => return Ok(false),
+        Holder::Closed { .. } | Holder::Unanswered { .. } if mode == CLAIM_UNHELD => return Ok(false),
+        _ => {}
     }
     let Some(held) = lease(reply, &seen, now) else { return Ok(false) };
     // The connection that held it goes (if the tuple is still its).

@@ -11,6 +11,23 @@ pub fn config() -> Option<NodeConfig> {
     (cfg.flags & NODE_F_CONFIGURED != 0).then_some(cfg)
 }
 
+/// The node configuration in place, not copied (for paths whose stack is deep already), configured
+/// or not: its flags are all clear until userspace has written it (see [`configured`]).
+#[inline(always)]
+pub fn config_in_place() -> Option<&'static NodeConfig> {
+    // SAFETY: an array map's value, valid for the program run (userspace rewrites it whole).
+    NODE_CONFIG.get_ptr(0).map(|c| unsafe { &*c })
+}
+
+/// A configuration from [`config_in_place`] that userspace has written.
+#[inline(always)]
+pub fn configured(cfg: Option<&NodeConfig>) -> Result<&NodeConfig, u32> {
+    match cfg {
+        Some(c) if c.flags & NODE_F_CONFIGURED != 0 => Ok(c),
+        _ => Err(proxy_common::STAT_DROP_NOT_CONFIGURED),
+    }
+}
+
 #[inline(always)]
 pub fn is_node_addr(addr: u32) -> bool {
     NODE_ADDRS.get_ptr(&addr).is_some()

@@ -20,17 +20,16 @@ use aya_ebpf::{
 use proxy_common::{
     BACKEND_F_LOCAL, CT_F_FROM_NODE, CT_F_SNAT, CtEntry, CtKey, FRONTEND_F_ETP_LOCAL, FRONTEND_F_EXTERNAL,
     FRONTEND_F_HAS_ENDPOINTS, FRONTEND_F_SOURCE_RANGES, Frontend, NODE_F_MASQUERADE_ALL, NodeConfig, PROTO_ICMP,
-    SERVICE_ADDR_F_CLUSTER_IP, STAT_CT_NEW, STAT_DROP_CT_FULL, STAT_DROP_FRAGMENT, STAT_DROP_NO_BACKEND,
-    STAT_DROP_NO_LOCAL_ENDPOINTS, STAT_DROP_NOT_CONFIGURED, STAT_DROP_REWRITE, STAT_DROP_SOURCE_RANGE,
-    STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_FRAGMENT_NAT, STAT_REVERSE_NAT, STAT_SNAT,
-    STAT_SOURCE_PORT_REMAP, ct_initial, ct_reply_key,
+    SERVICE_ADDR_F_CLUSTER_IP, STAT_CT_NEW, STAT_DROP_CT_FULL, STAT_DROP_FRAGMENT, STAT_DROP_NO_LOCAL_ENDPOINTS,
+    STAT_DROP_REWRITE, STAT_DROP_SOURCE_RANGE, STAT_DROP_UNALLOCATED_SERVICE_IP, STAT_FORWARD_DNAT, STAT_FRAGMENT_NAT,
+    STAT_REVERSE_NAT, STAT_SNAT, STAT_SOURCE_PORT_REMAP, ct_initial, ct_reply_key,
 };
 
 use crate::{
-    conntrack::{self, Conn, Holder},
+    conntrack::{self, Conn},
     fib::{self, Route},
     icmp, lb,
-    maps::SERVICE_ADDRS,
+    maps::{CONNTRACK, SERVICE_ADDRS},
     nat::{self, End},
     node,
     packet::{self, FRAG_FIRST, FRAG_LATER, Packet},
@@ -62,6 +61,33 @@ impl Side {
     #[inline(always)]
     fn hook(self) -> Hook {
         if self == Side::Node { Hook::Egress } else { Hook::Ingress }
+    }
+}
+
+/// What a connection's original-direction packets are rewritten to: the part of its entry that
+/// forwarding needs (small enough to hand back from the new-connection step on the caller's stack).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Nat {
+    nat_addr: u32,
+    snat_addr: u32,
+    nat_port: u16,
+    snat_port: u16,
+    flags: u16,
+    _pad: u16,
+}
+
+impl Nat {
+    #[inline(always)]
+    fn of(entry: &CtEntry) -> Self {
+        Self {
+            nat_addr: entry.nat_addr,
+            snat_addr: entry.snat_addr,
+            nat_port: entry.nat_port,
+            snat_port: entry.snat_port,
+            flags: entry.flags,
+            _pad: 0,
+        }
     }
 }
 
@@ -104,7 +130,8 @@ fn handle(ctx: &TcContext, side: Side, l3_off: usize) -> Result<i32, u32> {
         }
         return verdict::decode(reply);
     }
-    let outcome = epx_service(skb, &pkt, hook as u32);
+    let mut fe = Frontend::default();
+    let outcome = epx_service(skb, &pkt, hook as u32, &mut fe);
     // A first fragment translated (or answered) as a frontend's: its datagram's other fragments
     // follow it.
     if pkt.frag == FRAG_FIRST && outcome >= 0 && SERVICE_ADDRS.get_ptr(&pkt.daddr).is_some() {
@@ -113,26 +140,39 @@ fn handle(ctx: &TcContext, side: Side, l3_off: usize) -> Result<i32, u32> {
     if outcome != verdict::NEW_CONNECTION {
         return verdict::decode(outcome);
     }
-    // Created from here rather than from within epx_service, so the two frames are not stacked;
-    // then the packet goes the way of every packet of its connection.
-    let fe = lb::frontend(pkt.daddr, pkt.dport, pkt.proto).ok_or(STAT_DROP_NO_BACKEND)?;
-    let mut created = epx_new_connection(skb, &pkt, &fe, side as u32, conntrack::now_ns());
+    // Created from here rather than from within epx_service, so the two frames are not stacked
+    // (epx_service handed back the frontend it found); then the packet is forwarded as its
+    // connection says.
+    let mut nat = Nat::default();
+    let mut created = epx_new_connection(skb, &pkt, &fe, side as u32, &mut nat);
     // The table is full: make room by displacing a connection nobody answered, and try once more.
     if created == STAT_DROP_CT_FULL as i32 && conntrack::epx_early_drop() == 1 {
-        created = epx_new_connection(skb, &pkt, &fe, side as u32, conntrack::now_ns());
+        created = epx_new_connection(skb, &pkt, &fe, side as u32, &mut nat);
     }
     match created {
-        0 => match epx_service(skb, &pkt, hook as u32) {
-            verdict::NEW_CONNECTION => Err(STAT_DROP_CT_FULL),
-            outcome => {
-                if pkt.frag == FRAG_FIRST && outcome >= 0 {
-                    packet::epx_remember_fragment(&pkt);
-                }
-                verdict::decode(outcome)
+        0 => {
+            let outcome = epx_forward_new(skb, &pkt, hook as u32, &nat);
+            if pkt.frag == FRAG_FIRST && outcome >= 0 {
+                packet::epx_remember_fragment(&pkt);
             }
-        },
+            verdict::decode(outcome)
+        }
         reason => Err(reason as u32),
     }
+}
+
+/// The first packet of the connection just created for it, forwarded with the translation the
+/// new connection got (it is accounted already: its state and time are the connection's initial
+/// ones). A global BPF function, as [`epx_service`] is.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn epx_forward_new(skb: *mut __sk_buff, pkt: *const Packet, hook: u32, nat: *const Nat) -> i32 {
+    let (Some(skb), false, false) = (NonNull::new(skb), pkt.is_null(), nat.is_null()) else {
+        return -(STAT_DROP_REWRITE as i32);
+    };
+    let hook = if hook == Hook::Egress as u32 { Hook::Egress } else { Hook::Ingress };
+    // SAFETY: checked non-null; the caller's own stack values.
+    verdict::encode(forward(&TcContext::new(skb), unsafe { &*pkt }, unsafe { &*nat }, hook))
 }
 
 /// Packets the node's own stack sends out of an interface (tc egress): the node's own connections
@@ -156,7 +196,7 @@ pub extern "C" fn epx_reply(skb: *mut __sk_buff, pkt: *const Packet, hook: u32) 
     let (Some(skb), false) = (NonNull::new(skb), pkt.is_null()) else { return verdict::NEXT };
     let (ctx, pkt) = (TcContext::new(skb), unsafe { &*pkt });
     let hook = if hook == Hook::Egress as u32 { Hook::Egress } else { Hook::Ingress };
-    match conntrack::lookup_reply(&ctx, pkt, conntrack::now_ns(), hook == Hook::Egress) {
+    match conntrack::lookup_reply(&ctx, pkt, hook == Hook::Egress) {
         Ok(Some(conn)) => verdict::encode(reverse(&ctx, pkt, &conn, hook)),
         Ok(None) => verdict::NEXT,
         Err(reason) => verdict::encode(Err(reason)),
@@ -168,20 +208,23 @@ pub extern "C" fn epx_reply(skb: *mut __sk_buff, pkt: *const Packet, hook: u32) 
 /// Service traffic.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn epx_service(skb: *mut __sk_buff, pkt: *const Packet, hook: u32) -> i32 {
-    let (Some(skb), false) = (NonNull::new(skb), pkt.is_null()) else { return verdict::NEXT };
+pub extern "C" fn epx_service(skb: *mut __sk_buff, pkt: *const Packet, hook: u32, fe_out: *mut Frontend) -> i32 {
+    let (Some(skb), false, Some(fe_out)) = (NonNull::new(skb), pkt.is_null(), NonNull::new(fe_out)) else {
+        return verdict::NEXT;
+    };
     let hook = if hook == Hook::Egress as u32 { Hook::Egress } else { Hook::Ingress };
-    verdict::encode(to_service(&TcContext::new(skb), unsafe { &*pkt }, hook))
+    // SAFETY: checked non-null; the caller's own stack values.
+    verdict::encode(to_service(&TcContext::new(skb), unsafe { &*pkt }, hook, unsafe { &mut *fe_out.as_ptr() }))
 }
 
+/// `fe_out`: the frontend, when the packet opens a new connection (the caller creates it).
 #[inline(always)]
-fn to_service(ctx: &TcContext, pkt: &Packet, hook: Hook) -> Result<i32, u32> {
+fn to_service(ctx: &TcContext, pkt: &Packet, hook: Hook, fe_out: &mut Frontend) -> Result<i32, u32> {
     let pkt = *pkt;
-    let now = conntrack::now_ns();
     let Some(fe) = lb::frontend(pkt.daddr, pkt.dport, pkt.proto) else {
         return not_a_frontend(ctx, &pkt, hook);
     };
-    let conn = match conntrack::lookup_orig(ctx, &pkt, now)? {
+    let conn = match conntrack::lookup_orig(ctx, &pkt)? {
         Some(conn) if conn.entry().service_id == fe.service_id => conn,
         other => {
             // The address and port now belong to another frontend: the old connection is over.
@@ -198,16 +241,17 @@ fn to_service(ctx: &TcContext, pkt: &Packet, hook: Hook) -> Result<i32, u32> {
             if fe.flags & FRONTEND_F_HAS_ENDPOINTS == 0 {
                 return reject::reject(ctx, &pkt, hook);
             }
+            *fe_out = fe;
             return Err(-verdict::NEW_CONNECTION as u32);
         }
     };
-    forward(ctx, &pkt, conn.entry(), hook)
+    forward(ctx, &pkt, &Nat::of(conn.entry()), hook)
 }
 
 /// A packet of a tracked connection in the original direction: to the backend, and from the SNAT
 /// address if the connection has one.
 #[inline(always)]
-fn forward(ctx: &TcContext, pkt: &Packet, entry: &CtEntry, hook: Hook) -> Result<i32, u32> {
+fn forward(ctx: &TcContext, pkt: &Packet, entry: &Nat, hook: Hook) -> Result<i32, u32> {
     let snat = entry.flags & CT_F_SNAT != 0;
     // Masqueraded to a node address: forwarded by us, not the input path (no route: up the stack).
     // At egress the node routed the packet for the Service address: it is routed afresh for the
@@ -324,11 +368,7 @@ fn needs_snat(
 /// already pairs them with another connection, live or closing (it may hold it in TIME_WAIT).
 #[inline(always)]
 fn claim_own_port(orig: &CtKey, entry: &CtEntry, now: u64) -> Result<bool, u32> {
-    let reply = ct_reply_key(orig, entry);
-    match conntrack::holder(&reply, now) {
-        Holder::Free | Holder::Dead => conntrack::claim(&reply, orig, now),
-        Holder::Live | Holder::Closed { .. } | Holder::Unanswered { .. } => Ok(false),
-    }
+    conntrack::claim_if_unheld(&ct_reply_key(orig, entry), orig, now)
 }
 
 /// [`new_connection`] as a global BPF function: the verifier checks it once, on its own, instead of
@@ -342,28 +382,34 @@ pub extern "C" fn epx_new_connection(
     pkt: *const Packet,
     fe: *const Frontend,
     side: u32,
-    now: u64,
+    nat_out: *mut Nat,
 ) -> i32 {
     // The verifier hands a global function possibly-null pointers.
-    let (Some(skb), false, false) = (NonNull::new(skb), pkt.is_null(), fe.is_null()) else {
+    let (Some(skb), false, false, Some(mut nat_out)) =
+        (NonNull::new(skb), pkt.is_null(), fe.is_null(), NonNull::new(nat_out))
+    else {
         return STAT_DROP_REWRITE as i32;
     };
     let side = Side::from_u32(side);
     // SAFETY: checked non-null; the caller passes its own stack values.
-    match new_connection(&TcContext::new(skb), unsafe { &*pkt }, unsafe { &*fe }, side, now) {
-        Ok(()) => 0,
+    match new_connection(&TcContext::new(skb), unsafe { &*pkt }, unsafe { &*fe }, side, conntrack::now_ns()) {
+        Ok(nat) => {
+            unsafe { *nat_out.as_mut() = nat };
+            0
+        }
         Err(reason) => reason as i32,
     }
 }
 
 /// Checks the frontend's policies, chooses a backend and tracks the new connection.
 #[inline(always)]
-fn new_connection(ctx: &TcContext, pkt: &Packet, fe: &Frontend, side: Side, now: u64) -> Result<(), u32> {
-    let cfg = node::config();
+fn new_connection(ctx: &TcContext, pkt: &Packet, fe: &Frontend, side: Side, now: u64) -> Result<Nat, u32> {
+    // Unconfigured, every flag is clear: no cluster CIDR, no masquerade-all (and no SNAT below).
+    let cfg = node::config_in_place();
     if fe.flags & FRONTEND_F_SOURCE_RANGES != 0 && !lb::source_allowed(fe, pkt.saddr) {
         return Err(STAT_DROP_SOURCE_RANGE);
     }
-    let set = lb::backend_set(fe, from_outside(cfg.as_ref(), side, pkt.saddr));
+    let set = lb::backend_set(fe, from_outside(cfg, side, pkt.saddr));
     if set.count == 0 {
         return Err(STAT_DROP_NO_LOCAL_ENDPOINTS);
     }
@@ -382,28 +428,29 @@ fn new_connection(ctx: &TcContext, pkt: &Packet, fe: &Frontend, side: Side, now:
         flags: if side == Side::Node { CT_F_FROM_NODE } else { 0 },
         ..CtEntry::default()
     };
-    if needs_snat(cfg.as_ref(), side, pkt, fe, be.addr, be.flags) {
-        let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
-        snat::allocate(&mut entry, &orig, tcp::segment_of(ctx, pkt), cfg.masq_addr, &cfg, now)?;
+    if needs_snat(cfg, side, pkt, fe, be.addr, be.flags) {
+        let cfg = node::configured(cfg)?;
+        snat::allocate(&mut entry, &orig, tcp::segment_of(ctx, pkt), cfg.masq_addr, cfg, now)?;
         stats::count(STAT_SNAT);
     } else if !claim_own_port(&orig, &entry, now)? {
         // The client reuses a port that the backend still pairs with it for another connection (its
         // kernel chose the port for a different destination address, so nothing stopped it): the
         // backend would take the SYN for an old duplicate. A free port, as netfilter's NAT does.
-        let cfg = cfg.ok_or(STAT_DROP_NOT_CONFIGURED)?;
-        snat::allocate(&mut entry, &orig, tcp::segment_of(ctx, pkt), pkt.saddr, &cfg, now)?;
+        let cfg = node::configured(cfg)?;
+        snat::allocate(&mut entry, &orig, tcp::segment_of(ctx, pkt), pkt.saddr, cfg, now)?;
         stats::count(STAT_SOURCE_PORT_REMAP);
     }
     match conntrack::create(&orig, &entry) {
         Ok(true) => {
             stats::count(STAT_CT_NEW);
-            Ok(())
+            Ok(Nat::of(&entry))
         }
-        // Another CPU tracked the same connection first (a retransmitted first packet): the caller
-        // finds and uses that one.
+        // Another CPU tracked the same connection first (a retransmitted first packet): the packet
+        // goes that connection's way.
         Ok(false) => {
             conntrack::release_reply(&ct_reply_key(&orig, &entry), &orig);
-            Ok(())
+            // SAFETY: a map value, valid for this program run.
+            CONNTRACK.get_ptr(&orig).map(|e| Nat::of(unsafe { &*e })).ok_or(STAT_DROP_CT_FULL)
         }
         Err(reason) => {
             conntrack::release_reply(&ct_reply_key(&orig, &entry), &orig);
