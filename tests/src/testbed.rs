@@ -1,6 +1,6 @@
 //! A Kubernetes node built from network namespaces, for the live tests and the demo.
 //!
-//! Safety (../shared/docs/testbed.md): everything lives in namespaces this code creates; nothing is
+//! Safety (the testbed rules in README.md): everything lives in namespaces this code creates; nothing is
 //! added to the root network namespace; socket programs attach to a cgroup created here; every
 //! namespace, cgroup, pin and process is removed on drop, also when a test panics.
 //!
@@ -22,9 +22,26 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-/// Where the per-test cgroups go (a cgroup v2 hierarchy, never its root).
-const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
+/// Where the tests mount a cgroup v2 hierarchy of their own on a host that has none mounted.
+const PRIVATE_CGROUP2: &str = "/run/ebpf-proxy-tests/cgroup2";
+
+/// The cgroup v2 hierarchy the per-test cgroups go under (never into its root cgroup itself): the
+/// host's, wherever it is mounted (/sys/fs/cgroup on a systemd-unified host, /sys/fs/cgroup/unified
+/// on a hybrid one), or one the tests mount when there is none.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    static ROOT: std::sync::OnceLock<std::result::Result<PathBuf, String>> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        ebpf_proxy::cgroup::host_cgroup2().or_else(|_| {
+            fs::create_dir_all(PRIVATE_CGROUP2).map_err(|e| format!("creating {PRIVATE_CGROUP2}: {e}"))?;
+            run(Command::new("mount").args(["-t", "cgroup2", "none", PRIVATE_CGROUP2]))
+                .map_err(|e| format!("no cgroup v2 hierarchy mounted, and mounting one failed: {e:#}"))?;
+            Ok(PathBuf::from(PRIVATE_CGROUP2))
+        })
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
 
 /// The cluster's pod network (`--cluster-cidr`); node k's pods are in 10.244.<k+1>.0/24.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
@@ -58,7 +75,8 @@ pub fn require_privileges() -> Result<()> {
     for tool in ["ip", "nsenter", "nginx", "curl"] {
         ensure!(which(tool), "{tool} is not installed: run scripts/setup.sh");
     }
-    ensure!(Path::new(CGROUP2_ROOT).join("cgroup.procs").exists(), "no cgroup v2 hierarchy at {CGROUP2_ROOT}");
+    let cgroup2 = cgroup2_root()?;
+    ensure!(cgroup2.join("cgroup.procs").exists(), "no cgroup v2 hierarchy at {}", cgroup2.display());
     ensure!(
         run(Command::new("mountpoint").args(["-q", BPFFS_ROOT])).is_ok(),
         "bpffs is not mounted at {BPFFS_ROOT}: run scripts/setup.sh"
@@ -173,7 +191,7 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn new(id: &str) -> Result<Self> {
-        let path = Path::new(CGROUP2_ROOT).join(format!("ebpf-proxy-test-{id}"));
+        let path = cgroup2_root()?.join(format!("ebpf-proxy-test-{id}"));
         fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self { path })
     }

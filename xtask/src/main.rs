@@ -58,6 +58,10 @@ enum Task {
     },
 }
 
+/// The packages `cargo xtask test` tests: the workspace but the eBPF crate (built for the BPF
+/// target through proxy-userspace's build script).
+const TEST_PACKAGES: [&str; 4] = ["proxy-common", "proxy-userspace", "xtask", "tests"];
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
 }
@@ -184,8 +188,13 @@ fn main() -> Result<()> {
             // The end-to-end tests start the ebpf-proxy binary: build it first.
             build(false, &["proxy-userspace", "tests"], true)?;
             let mut c = cargo();
-            // Live tests build whole nodes in namespaces: one at a time keeps a 2-core machine steady.
-            c.args(["test", "--", "--test-threads=1"]).args(&args);
+            // Every package with tests, the privileged `tests` too (it is not a default member). Live
+            // tests build whole nodes in namespaces: one at a time keeps a 2-core machine steady.
+            c.arg("test");
+            for p in TEST_PACKAGES {
+                c.args(["-p", p]);
+            }
+            c.args(["--", "--test-threads=1"]).args(&args);
             if !is_root() {
                 bail!("the tests load BPF programs and create network namespaces: run `cargo xtask test` as root");
             }
