@@ -3,13 +3,67 @@
 //! rules in built-in chains that jump to them; the nftables `kube-proxy` tables. Chains kube-proxy
 //! shares with the kubelet (KUBE-MARK-MASQ, KUBE-MARK-DROP, KUBE-FIREWALL, KUBE-KUBELET-CANARY) and
 //! every rule that is not kube-proxy's stay. Run it in the node's network namespace, as root.
+//!
+//! `ebpf-proxy cleanup --ebpf-proxy` is the other way round, for rolling back: it removes
+//! ebpf-proxy's own datapath — its pinned programs (detaching them), its pinned maps, and the SNAT
+//! ports it reserved — and leaves kube-proxy's rules alone (kube-proxy may be rebuilding them).
+//! `--dry-run` lists what either would remove and changes nothing.
 
 use std::{
     io::Write as _,
+    path::PathBuf,
     process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
+use clap::Args;
+
+use crate::{datapath::PinnedState, run};
+
+#[derive(Args, Clone, Debug)]
+pub struct CleanupArgs {
+    /// Remove ebpf-proxy's own datapath instead of kube-proxy's rules (rolling back to kube-proxy):
+    /// its programs, maps and reserved SNAT ports. Run it once ebpf-proxy no longer runs on the node.
+    #[arg(long)]
+    pub ebpf_proxy: bool,
+    /// List what would be removed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --ebpf-proxy: where its maps and links are pinned (`run --bpffs`).
+    #[arg(long, default_value = "/sys/fs/bpf/ebpf-proxy")]
+    pub bpffs: PathBuf,
+    /// With --ebpf-proxy: the SNAT port range `run` reserved (`run --snat-port-range`).
+    #[arg(long, default_value = "61000-65535", value_parser = run::parse_port_range)]
+    pub snat_port_range: (u16, u16),
+}
+
+/// `ebpf-proxy cleanup`: what was (or, with --dry-run, would be) done, a line each.
+pub fn run_cleanup(args: &CleanupArgs) -> Result<Vec<String>> {
+    if args.ebpf_proxy { ebpf_proxy_state(args) } else { cleanup(args.dry_run) }
+}
+
+/// Removes ebpf-proxy's own datapath from this node.
+fn ebpf_proxy_state(args: &CleanupArgs) -> Result<Vec<String>> {
+    let verb = |done: &str, would: &str| if args.dry_run { would.to_owned() } else { done.to_owned() };
+    let mut lines = Vec::new();
+    let state = PinnedState::read(&args.bpffs)?;
+    for link in &state.links {
+        lines.push(format!("{} {}", verb("detached", "would detach"), link.display()));
+    }
+    for map in &state.maps {
+        lines.push(format!("{} {}", verb("removed", "would remove"), map.display()));
+    }
+    if state == PinnedState::default() {
+        lines.push(format!("nothing pinned under {}", args.bpffs.display()));
+    } else if !args.dry_run {
+        state.remove(&args.bpffs)?;
+    }
+    let (min, max) = args.snat_port_range;
+    if run::release_snat_ports(args.snat_port_range, args.dry_run)? {
+        lines.push(format!("{} the reserved ports {min}-{max}", verb("released", "would release")));
+    }
+    Ok(lines)
+}
 
 /// Chains kube-proxy creates under a fixed name.
 const OWNED_CHAINS: &[&str] = &[
@@ -86,7 +140,7 @@ fn run(cmd: &mut Command) -> Result<String> {
 }
 
 /// Removes kube-proxy's iptables rules (IPv4 and IPv6) and nftables tables. Returns what was done.
-pub fn cleanup() -> Result<Vec<String>> {
+pub fn cleanup(dry_run: bool) -> Result<Vec<String>> {
     let mut done = Vec::new();
     for (save, restore) in [("iptables-save", "iptables-restore"), ("ip6tables-save", "ip6tables-restore")] {
         let current = match run(&mut Command::new(save)) {
@@ -100,6 +154,12 @@ pub fn cleanup() -> Result<Vec<String>> {
         if script.is_empty() {
             continue;
         }
+        let chains = script.lines().filter(|l| l.starts_with("-X ")).count();
+        let rules = script.lines().filter(|l| l.starts_with("-D ")).count();
+        if dry_run {
+            done.push(format!("{restore}: would remove {chains} chains and {rules} jump rules"));
+            continue;
+        }
         let mut child = Command::new(restore)
             .args(["--noflush"])
             .stdin(Stdio::piped())
@@ -111,14 +171,16 @@ pub fn cleanup() -> Result<Vec<String>> {
         if !out.status.success() {
             bail!("{restore} --noflush failed: {}\ninput:\n{script}", String::from_utf8_lossy(&out.stderr));
         }
-        let chains = script.lines().filter(|l| l.starts_with("-X ")).count();
-        let rules = script.lines().filter(|l| l.starts_with("-D ")).count();
         done.push(format!("{restore}: removed {chains} chains and {rules} jump rules"));
     }
     match run(Command::new("nft").args(["list", "tables"])) {
         Ok(tables) => {
             for family in ["ip", "ip6"] {
                 if tables.lines().any(|l| l.trim() == format!("table {family} kube-proxy")) {
+                    if dry_run {
+                        done.push(format!("nft: would delete table {family} kube-proxy"));
+                        continue;
+                    }
                     run(Command::new("nft").args(["delete", "table", family, "kube-proxy"]))?;
                     done.push(format!("nft: deleted table {family} kube-proxy"));
                 }

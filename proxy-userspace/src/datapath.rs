@@ -454,6 +454,69 @@ pub fn pinned_tables(bpffs: &Path) -> Result<Tables> {
 }
 
 /// Removes the pinned maps under `dir` (on shutdown, unless the datapath is kept).
+/// What ebpf-proxy has pinned under `bpffs`: its links (each a program attached to an interface or
+/// the cgroup) and its maps.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PinnedState {
+    pub links: Vec<PathBuf>,
+    pub maps: Vec<PathBuf>,
+}
+
+impl PinnedState {
+    /// Reads what is pinned under `bpffs` (nothing if it does not exist).
+    pub fn read(bpffs: &Path) -> Result<Self> {
+        let mut state = Self::default();
+        let Ok(entries) = fs::read_dir(bpffs) else { return Ok(state) };
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_dir() {
+                collect_files(&path, &mut state.links)?;
+            } else {
+                state.maps.push(path);
+            }
+        }
+        state.links.sort();
+        state.maps.sort();
+        Ok(state)
+    }
+
+    /// Detaches every program (unpinning its link) and removes every map pin and the directory.
+    pub fn remove(self, bpffs: &Path) -> Result<()> {
+        for link in &self.links {
+            match PinnedLink::from_pin(link) {
+                // Unpinned, the link's last reference is this one: dropping it detaches the program.
+                Ok(l) => drop(l.unpin().with_context(|| format!("unpinning {}", link.display()))?),
+                Err(_) => fs::remove_file(link).with_context(|| format!("removing {}", link.display()))?,
+            }
+        }
+        for map in &self.maps {
+            fs::remove_file(map).with_context(|| format!("removing {}", map.display()))?;
+        }
+        remove_empty_dirs(bpffs)
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() { collect_files(&path, out)? } else { out.push(path) }
+    }
+    Ok(())
+}
+
+fn remove_empty_dirs(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            remove_empty_dirs(&path)?;
+        }
+    }
+    fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
 pub fn unpin_maps(dir: &Path) -> Result<()> {
     for name in MAP_NAMES {
         let path = dir.join(name);

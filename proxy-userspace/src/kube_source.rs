@@ -16,8 +16,9 @@ use std::{
     },
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use futures::StreamExt as _;
+use ipnet::Ipv4Net;
 use k8s_openapi::{
     api::{
         core::v1::{Node, Service},
@@ -53,16 +54,78 @@ pub fn label_selector(service_proxy_name: Option<&str>) -> String {
     format!("{proxy},!service.kubernetes.io/headless")
 }
 
-/// A client from `--kubeconfig`, else the usual inference (KUBECONFIG, ~/.kube/config, in-cluster).
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
-    let config = match kubeconfig {
+/// A client from `--kubeconfig`, else the usual inference (KUBECONFIG, ~/.kube/config, in-cluster),
+/// with `--master` (kube-proxy's flag) overriding the address, not the credentials. It fails at once
+/// when the address it would use is a Service address — the ClusterIP of the `kubernetes` Service
+/// that in-cluster configuration names, or any address in `--service-cidr`: on a node whose Service
+/// datapath is ebpf-proxy, nothing translates it until ebpf-proxy has synced, which it cannot do
+/// without the API server. kube-proxy has the same need (kubeadm gives it a kubeconfig with the API
+/// server's real address), and so has Cilium (`k8sServiceHost`).
+pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>, service_cidr: Option<Ipv4Net>) -> Result<Client> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
         }
+        None if master.is_none() && !has_kubeconfig() => {
+            // In-cluster: check the address before the credentials (which may not even be mounted).
+            if let Ok(host) = std::env::var("KUBERNETES_SERVICE_HOST") {
+                refuse_service_address(
+                    &host,
+                    "KUBERNETES_SERVICE_HOST (in-cluster configuration)",
+                    service_cidr,
+                    true,
+                )?;
+            }
+            kube::Config::incluster().context("no kubeconfig, no --master, and not running in a cluster")?
+        }
         None => kube::Config::infer().await.context("no kubeconfig and not running in a cluster")?,
     };
+    if let Some(master) = master {
+        let url = if master.contains("://") { master.to_owned() } else { format!("https://{master}") };
+        config.cluster_url = url.parse().with_context(|| format!("--master {master}"))?;
+    }
+    let host = config.cluster_url.host().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+    let in_cluster_host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+    refuse_service_address(&host, "the API server address", service_cidr, in_cluster_host.as_deref() == Some(&host))?;
     Ok(Client::try_from(config)?)
+}
+
+/// Whether KUBECONFIG or ~/.kube/config gives a kubeconfig (as `kube::Config::infer` looks first).
+fn has_kubeconfig() -> bool {
+    std::env::var_os("KUBECONFIG").is_some()
+        || std::env::var_os("HOME").is_some_and(|h| Path::new(&h).join(".kube/config").is_file())
+}
+
+/// Fails, saying what to set, when `host` is a Service address: `is_kubernetes_service` (it is the
+/// in-cluster address), an address in `service_cidr`, or a cluster DNS name (resolving it needs the
+/// cluster DNS Service).
+pub fn refuse_service_address(
+    host: &str,
+    what: &str,
+    service_cidr: Option<Ipv4Net>,
+    is_kubernetes_service: bool,
+) -> Result<()> {
+    let in_cidr =
+        host.parse::<std::net::Ipv4Addr>().ok().zip(service_cidr).is_some_and(|(ip, cidr)| cidr.contains(&ip));
+    let cluster_name = host.ends_with(".svc") || host.contains(".svc.") || host == "kubernetes.default";
+    if is_kubernetes_service || in_cidr || cluster_name {
+        let why = if cluster_name {
+            "a cluster DNS name, which only resolves through a Service".to_owned()
+        } else if in_cidr {
+            format!("in the service CIDR {}", service_cidr.expect("checked"))
+        } else {
+            "the ClusterIP of the `kubernetes` Service".to_owned()
+        };
+        bail!(
+            "{what} {host} is a Service address ({why}): on this node nothing translates it until ebpf-proxy has \
+             synced, and ebpf-proxy cannot sync without the API server. Give the API server's real address: \
+             --master https://<control-plane address>:6443, or a kubeconfig whose server is that address \
+             (--kubeconfig, or clientConnection.kubeconfig in --config, as kubeadm's kube-proxy ConfigMap \
+             carries in kubeconfig.conf)"
+        );
+    }
+    Ok(())
 }
 
 /// Whether two versions of an object differ in anything but bookkeeping.

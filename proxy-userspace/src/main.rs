@@ -24,8 +24,9 @@ enum Command {
     Backends(inspect::InspectArgs),
     /// List the live connection-tracking entries of a running instance.
     Conntrack(inspect::InspectArgs),
-    /// Remove kube-proxy's iptables and nftables rules from this node (as `kube-proxy --cleanup`).
-    Cleanup,
+    /// Remove kube-proxy's iptables and nftables rules from this node (as `kube-proxy --cleanup`), or
+    /// with --ebpf-proxy ebpf-proxy's own datapath (rolling back).
+    Cleanup(cleanup::CleanupArgs),
 }
 
 fn main() -> Result<()> {
@@ -53,8 +54,8 @@ fn main() -> Result<()> {
         Command::Services(args) => inspect::run_services(&args),
         Command::Backends(args) => inspect::run_backends(&args),
         Command::Conntrack(args) => inspect::run_conntrack(&args),
-        Command::Cleanup => {
-            for line in cleanup::cleanup()? {
+        Command::Cleanup(args) => {
+            for line in cleanup::run_cleanup(&args)? {
                 println!("{line}");
             }
             Ok(())

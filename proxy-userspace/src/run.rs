@@ -57,6 +57,11 @@ pub struct RunArgs {
     /// or the in-cluster service account.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's address (kube-proxy's --master), overriding the kubeconfig's or the in-cluster
+    /// one while keeping their credentials. It must not be a Service address: nothing translates one
+    /// before ebpf-proxy has synced.
+    #[arg(long, conflicts_with = "objects")]
+    pub master: Option<String>,
     /// Directory on a bpffs mount where the maps are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/ebpf-proxy")]
     pub bpffs: PathBuf,
@@ -118,7 +123,7 @@ pub fn cpus() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
-fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('-').ok_or("expected MIN-MAX")?;
     let a: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
     let b: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
@@ -155,6 +160,24 @@ fn reserve_snat_ports((min, max): (u16, u16)) -> Result<()> {
         "{RESERVED_PORTS} is not writable ({write_error}); the ephemeral range {lo}-{hi} stays clear of the SNAT ports"
     );
     Ok(())
+}
+
+/// Gives back the SNAT ports `run` reserved: removes exactly that range from the node's reserved
+/// ports. Returns whether it was there.
+pub fn release_snat_ports((min, max): (u16, u16), dry_run: bool) -> Result<bool> {
+    let current = std::fs::read_to_string(RESERVED_PORTS).with_context(|| format!("reading {RESERVED_PORTS}"))?;
+    let range = format!("{min}-{max}");
+    let ranges: Vec<&str> = current.trim().split(',').filter(|r| !r.is_empty()).collect();
+    if !ranges.contains(&range.as_str()) {
+        return Ok(false);
+    }
+    if !dry_run {
+        let kept: Vec<&str> = ranges.into_iter().filter(|r| *r != range).collect();
+        // An empty list is written as a newline: the kernel refuses an empty write.
+        let text = if kept.is_empty() { "\n".to_owned() } else { kept.join(",") };
+        std::fs::write(RESERVED_PORTS, text).with_context(|| format!("writing {RESERVED_PORTS}"))?;
+    }
+    Ok(true)
 }
 
 /// Which tc program an interface gets, if any.
@@ -379,6 +402,14 @@ impl Proxy {
 }
 
 pub async fn run(mut args: RunArgs) -> Result<()> {
+    // The API client first: an address it cannot reach before the datapath runs is an error to give
+    // before anything is loaded (see kube_source::client).
+    let api_client = match &args.objects {
+        Some(_) => None,
+        None => {
+            Some(kube_source::client(args.kubeconfig.as_deref(), args.master.as_deref(), args.node.service_cidr).await?)
+        }
+    };
     if args.interfaces.is_empty() && !args.node.node_ips.is_empty() {
         args.interfaces = links::interfaces_with(&args.node.node_ips).await?;
         log::info!("external interfaces (carrying a node IP): {:?}", args.interfaces);
@@ -465,12 +496,12 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
             log::error!("link watcher stopped: {e:#}");
         }
     });
-    let mut source = match &args.objects {
-        Some(path) => source::files(path.clone()),
-        None => {
-            let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+    let mut source = match (&args.objects, api_client) {
+        (Some(path), _) => source::files(path.clone()),
+        (None, Some(client)) => {
             kube_source::start(client, &args.node.node_name, args.service_proxy_name.as_deref(), &proxy.metrics.sync)
         }
+        (None, None) => unreachable!("a client is made when there are no --objects"),
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

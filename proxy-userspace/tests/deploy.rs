@@ -54,7 +54,51 @@ fn the_daemon_set_runs_a_command_line_ebpf_proxy_accepts_with_the_config_map() {
     assert!(cfg.cluster_cidr.is_some());
     // The config file the command points at is where the ConfigMap is mounted.
     let mount = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "config").unwrap();
-    assert_eq!(run.config.unwrap(), std::path::Path::new(&mount.mount_path).join("config.conf"));
+    let mounted = std::path::Path::new(&mount.mount_path);
+    assert_eq!(run.config.unwrap(), mounted.join("config.conf"));
+    // A rollout (SIGTERM) leaves the datapath to the next pod.
+    assert!(run.keep_datapath, "--keep-datapath");
+}
+
+#[test]
+fn the_api_server_is_reached_at_its_real_address_not_through_a_service() {
+    let ds: DaemonSet = find("DaemonSet");
+    let pod = ds.spec.template.spec.unwrap();
+    // The cluster DNS is a Service: the node's own resolver, not ClusterFirstWithHostNet.
+    assert_eq!(pod.dns_policy.as_deref(), Some("Default"));
+    let cm: ConfigMap = find("ConfigMap");
+    let data = cm.data.unwrap();
+    let (cfg, _) = kubeproxy_config::parse(&data["config.conf"]).unwrap();
+    let mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "config").unwrap();
+    assert_eq!(
+        cfg.kubeconfig.as_deref().map(std::path::Path::new),
+        Some(std::path::Path::new(&mount.mount_path).join("kubeconfig.conf").as_path()),
+        "clientConnection.kubeconfig names the ConfigMap's kubeconfig.conf"
+    );
+    let kc: kube::config::Kubeconfig = serde_yaml::from_str(&data["kubeconfig.conf"]).expect("a kubeconfig");
+    let cluster = kc.clusters[0].cluster.as_ref().unwrap();
+    let server = cluster.server.as_deref().unwrap();
+    let host = server.split("://").nth(1).and_then(|rest| rest.split([':', '/']).next()).unwrap();
+    ebpf_proxy::kube_source::refuse_service_address(host, "server", "10.96.0.0/12".parse().ok(), false)
+        .expect("the kubeconfig's server is no Service address");
+    let user = kc.auth_infos[0].auth_info.as_ref().unwrap();
+    assert_eq!(user.token_file.as_deref(), Some("/var/run/secrets/kubernetes.io/serviceaccount/token"));
+    assert!(cluster.certificate_authority.as_deref().is_some_and(|ca| ca.ends_with("serviceaccount/ca.crt")));
+}
+
+#[test]
+fn service_addresses_are_refused_with_what_to_set() {
+    use ebpf_proxy::kube_source::refuse_service_address;
+    let cidr = "10.96.0.0/12".parse().ok();
+    for host in ["10.96.0.1", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "kubernetes.default"] {
+        let e = refuse_service_address(host, "server", cidr, false).expect_err(host).to_string();
+        assert!(e.contains("--master") && e.contains("clientConnection.kubeconfig"), "{e}");
+    }
+    // The in-cluster address is refused even without a service CIDR to tell.
+    assert!(refuse_service_address("10.43.0.1", "server", None, true).is_err());
+    for host in ["192.0.2.10", "control-plane.example", "10.0.0.1"] {
+        refuse_service_address(host, "server", cidr, false).expect(host);
+    }
 }
 
 #[test]

@@ -270,6 +270,11 @@ async fn not_found() -> Response {
 impl ApiServer {
     /// Starts the server on 127.0.0.1 (a free port) inside network namespace `netns`.
     pub fn start(netns: &str) -> Result<Self> {
+        Self::start_at(netns, std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0))
+    }
+
+    /// Starts the server listening on `listen` inside network namespace `netns`.
+    pub fn start_at(netns: &str, listen: std::net::SocketAddrV4) -> Result<Self> {
         let (changes, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
             db: Mutex::new(Db { rv: 1, ..Default::default() }),
@@ -292,7 +297,7 @@ impl ApiServer {
                 nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    let listener = tokio::net::TcpListener::bind(listen).await?;
                     addr_tx.send(listener.local_addr()?).ok();
                     axum::serve(listener, app)
                         .with_graceful_shutdown(async move {

@@ -458,27 +458,27 @@ impl Node {
 
     /// Starts `ebpf-proxy run` in the node namespace and waits until it has programmed the maps.
     pub fn start_proxy(&mut self, binary: &Path, mode: LbMode) -> Result<()> {
-        let log = fs::File::create(&self.proxy_log)?;
-        let mut cmd = self.ns.command(binary);
-        cmd.arg("run");
+        let mut args: Vec<String> = vec!["run".into()];
         // Objects from the files, unless the test points the proxy at an API server.
         if !self.proxy_args.iter().any(|a| a == "--kubeconfig") {
-            cmd.arg("--objects").arg(&self.objects_dir);
+            args.extend(["--objects".into(), self.objects_dir.display().to_string()]);
         }
-        cmd.arg("--bpffs")
-            .arg(&self.bpffs.path)
-            .arg("--cgroup")
-            .arg(&self.cgroup.path)
-            .args(["--socket-lb", if mode == LbMode::Socket { "true" } else { "false" }])
-            .args(["--pod-interface-name-prefix", &self.pod_if_prefix()])
-            .args(["--cluster-cidr", CLUSTER_CIDR, "--node-name", &self.name, "--node-ip", &self.node_ip.to_string()])
-            .args(&self.proxy_args)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        self.proxy = Some(Proc::spawn(cmd, "ebpf-proxy")?);
+        args.extend(["--bpffs".into(), self.bpffs.path.display().to_string()]);
+        args.extend(["--cgroup".into(), self.cgroup.path.display().to_string()]);
+        args.extend(["--socket-lb".into(), (mode == LbMode::Socket).to_string()]);
+        args.extend(["--pod-interface-name-prefix".into(), self.pod_if_prefix()]);
+        args.extend(["--cluster-cidr".into(), CLUSTER_CIDR.into(), "--node-name".into(), self.name.clone()]);
+        args.extend(["--node-ip".into(), self.node_ip.to_string()]);
+        args.extend(self.proxy_args.iter().cloned());
+        self.spawn_proxy(binary, &args, &[])
+    }
+
+    /// Starts `binary` with exactly `args` and the environment `env` added (as a DaemonSet would
+    /// start it), and waits until it is ready with every pod interface attached.
+    pub fn spawn_proxy(&mut self, binary: &Path, args: &[String], env: &[(&str, &str)]) -> Result<()> {
+        self.spawn_proxy_unready(binary, args, env)?;
         let want = self.pods.len();
-        let uplink = self.uplink || self.proxy_args.iter().any(|a| a == "--interfaces");
+        let uplink = self.uplink || args.iter().any(|a| a == "--interfaces");
         let log_path = self.proxy_log.clone();
         wait_for(self.ready_timeout, || {
             let text = fs::read_to_string(&log_path).unwrap_or_default();
@@ -487,6 +487,28 @@ impl Node {
                 && (!uplink || text.contains("attached from_netdev"))
         })
         .with_context(|| format!("ebpf-proxy did not become ready; log:\n{}", self.proxy_log_text()))
+    }
+
+    /// Waits up to `timeout` for the proxy to exit on its own; its exit status.
+    pub fn wait_proxy_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let proxy = self.proxy.as_mut().context("no proxy started")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = proxy.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(Instant::now() < deadline, "the proxy still runs after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// [`Self::spawn_proxy`] without waiting (for a start that is expected to fail).
+    pub fn spawn_proxy_unready(&mut self, binary: &Path, args: &[String], env: &[(&str, &str)]) -> Result<()> {
+        let log = fs::File::create(&self.proxy_log)?;
+        let mut cmd = self.ns.command(binary);
+        cmd.args(args).env("RUST_LOG", "info").envs(env.iter().copied()).stdout(log.try_clone()?).stderr(log);
+        self.proxy = Some(Proc::spawn(cmd, "ebpf-proxy")?);
+        Ok(())
     }
 
     /// Kills the proxy with SIGKILL (no cleanup of any kind, as an OOM kill or a crash).

@@ -224,13 +224,20 @@ fn pod_interfaces_are_attached_as_they_appear() {
     node.stop_proxy().unwrap();
 }
 
-#[test]
-fn keep_datapath_leaves_services_working_and_the_next_run_adopts_it() {
-    let mut node = node_with_service(2, LbMode::TcOnly);
+/// A node whose proxy ran with --keep-datapath and has exited (SIGTERM): its programs and maps still
+/// at work, as the DaemonSet leaves a node on a rollout.
+fn datapath_left_running(mode: LbMode) -> Node {
+    let mut node = node_with_service(2, mode);
     node.stop_proxy().unwrap();
     node.proxy_args = vec!["--keep-datapath".into()];
-    node.start_proxy(&proxy_binary(), LbMode::TcOnly).unwrap();
+    node.start_proxy(&proxy_binary(), mode).unwrap();
     node.stop_proxy().unwrap();
+    node
+}
+
+#[test]
+fn keep_datapath_leaves_services_working_and_the_next_run_adopts_it() {
+    let mut node = datapath_left_running(LbMode::TcOnly);
     let links = node.bpffs.path.join("links");
     let instances: Vec<_> = std::fs::read_dir(&links).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(instances.len(), 1, "one instance's links");
@@ -251,6 +258,39 @@ fn keep_datapath_leaves_services_working_and_the_next_run_adopts_it() {
     assert_eq!(pods_reached(&node, false, 20), all_backends(2));
     node.stop_proxy().unwrap();
     assert!(!node.bpffs.path.exists());
+}
+
+#[test]
+fn rolling_back_removes_the_kept_datapath_and_its_reserved_ports() {
+    let node = datapath_left_running(LbMode::Socket);
+    assert_eq!(pods_reached(&node, true, 20), all_backends(2), "socket path, no process");
+    assert_eq!(pods_reached(&node, false, 20), all_backends(2), "tc path, no process");
+    let reserved = || run(node.ns.command("cat").arg("/proc/sys/net/ipv4/ip_local_reserved_ports")).unwrap();
+    assert!(reserved().contains("61000-65535"), "{}", reserved());
+    let cleanup = |extra: &[&str]| {
+        let mut cmd = node.ns.command(proxy_binary());
+        cmd.args(["cleanup", "--ebpf-proxy", "--bpffs"]).arg(&node.bpffs.path).args(extra);
+        run(&mut cmd).expect("cleanup --ebpf-proxy")
+    };
+    // A dry run lists everything and changes nothing.
+    let plan = cleanup(&["--dry-run"]);
+    // 4 socket programs; ingress and egress of 3 pod interfaces; lo's egress.
+    assert_eq!(plan.lines().filter(|l| l.starts_with("would detach")).count(), 11, "{plan}");
+    assert!(plan.contains("would remove") && plan.contains("/CONNTRACK"), "{plan}");
+    assert!(plan.contains("would release the reserved ports 61000-65535"), "{plan}");
+    assert_eq!(pods_reached(&node, true, 20), all_backends(2), "unchanged by the dry run");
+    assert!(reserved().contains("61000-65535"));
+    // The real run: programs detached, pins and ports gone, the ClusterIP no longer translated.
+    let done = cleanup(&[]);
+    assert_eq!(done.lines().filter(|l| l.starts_with("detached")).count(), 11, "{done}");
+    assert!(!node.bpffs.path.exists(), "{} still there", node.bpffs.path.display());
+    assert!(!reserved().contains("61000-65535"), "{}", reserved());
+    for in_cgroup in [true, false] {
+        let out =
+            node.pod_command("client", in_cgroup, "curl", &["-sS", "-m", "2", &format!("http://{VIP}/")]).output();
+        assert!(!out.unwrap().status.success(), "the ClusterIP still answers (socket path: {in_cgroup})");
+    }
+    assert!(cleanup(&[]).contains("nothing pinned"), "a second run finds nothing");
 }
 
 /// Runs `ebpf-proxy trace --json` against the objects of `node`.
