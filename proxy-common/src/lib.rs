@@ -21,6 +21,13 @@ pub use node::*;
 pub use sock::*;
 pub use stats::*;
 
+/// The layout of every pinned map's key and value, recorded in the pinned `LAYOUT` map. An instance
+/// adopts pinned maps only of its own layout: one that reads another's would misread every
+/// connection, affinity and ID. Bump it with any change to the size or fields of a type kept in a
+/// pinned map, and give `run` the migration from the old one. Pins made before the layout was
+/// recorded are layout 1.
+pub const MAP_LAYOUT: u32 = 1;
+
 /// IP protocol numbers as carried in the IPv4 header.
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;

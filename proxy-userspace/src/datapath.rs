@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{
@@ -19,7 +19,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use proxy_common::{NODE_F_CONFIGURED, NodeConfig, PodIface, STAT_MAX, SourceRangeKey};
+use proxy_common::{MAP_LAYOUT, NODE_F_CONFIGURED, NodeConfig, PodIface, STAT_MAX, SourceRangeKey};
 
 use crate::{
     conntrack::ConntrackMaps,
@@ -44,7 +44,8 @@ pub const TC_PROGRAMS: [&str; 5] =
 /// The benchmarks' baseline (never attached).
 pub const PROG_BASELINE: &str = "parse_only";
 pub const SOCK_PROGRAMS: [&str; 4] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg", "sock4_getpeername"];
-pub const MAP_NAMES: [&str; 19] = [
+pub const MAP_NAMES: [&str; 20] = [
+    "LAYOUT",
     "FRONTENDS",
     "BACKEND_SLOTS",
     "BACKENDS",
@@ -182,6 +183,7 @@ impl Datapath {
         match mode {
             MapMode::Pinned { dir, conntrack_max } => {
                 fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                check_layout(dir)?;
                 pins = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
                 for (name, path) in &pins {
                     loader.map_pin_path(name, path.as_path());
@@ -202,6 +204,8 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let layout = ebpf.map_mut("LAYOUT").ok_or_else(|| anyhow!("map LAYOUT missing"))?;
+        Array::<&mut MapData, u32>::try_from(layout)?.set(0, &MAP_LAYOUT, 0).context("recording the map layout")?;
         for name in TC_PROGRAMS {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
@@ -411,6 +415,32 @@ pub fn release_other_links(links_root: &Path, own: &Path) -> Result<usize> {
 
 /// The size of the connection table: `wanted`, unless a table is already pinned under `dir` — a
 /// running datapath's connections are adopted with the table they live in, whatever its size.
+/// The layout of the maps pinned under `dir`: `None` when none are; pins made before the layout was
+/// recorded are layout 1.
+pub fn pinned_layout(dir: &Path) -> Result<Option<u32>> {
+    if !dir.join("FRONTENDS").exists() {
+        return Ok(None);
+    }
+    let Ok(data) = MapData::from_pin(dir.join("LAYOUT")) else { return Ok(Some(1)) };
+    let layout: Array<MapData, u32> = Array::try_from(Map::Array(data))?;
+    Ok(Some(layout.get(&0, 0).context("reading the pinned LAYOUT")?))
+}
+
+/// Refuses pinned maps of another layout than this build's (see proxy-common's `MAP_LAYOUT`):
+/// adopting them would read every entry with the wrong layout.
+fn check_layout(dir: &Path) -> Result<()> {
+    match pinned_layout(dir)? {
+        Some(pinned) if pinned != MAP_LAYOUT => bail!(
+            "the maps pinned under {} have layout {pinned}; this build reads layout {MAP_LAYOUT} and will not \
+             adopt them (every connection, affinity and ID would be misread). Upgrade through the release that \
+             migrates layout {pinned}, or remove the running datapath with `ebpf-proxy cleanup --ebpf-proxy` \
+             first (established connections through Services then break)",
+            dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn adopted_size(dir: &Path, wanted: u32) -> Result<u32> {
     let Ok(data) = MapData::from_pin(dir.join(CONNTRACK_MAPS[0])) else { return Ok(wanted) };
     let pinned = data.info()?.max_entries();

@@ -458,6 +458,12 @@ impl Node {
 
     /// Starts `ebpf-proxy run` in the node namespace and waits until it has programmed the maps.
     pub fn start_proxy(&mut self, binary: &Path, mode: LbMode) -> Result<()> {
+        let args = self.proxy_command(mode);
+        self.spawn_proxy(binary, &args, &[])
+    }
+
+    /// The command line [`Self::start_proxy`] runs the proxy with.
+    pub fn proxy_command(&self, mode: LbMode) -> Vec<String> {
         let mut args: Vec<String> = vec!["run".into()];
         // Objects from the files, unless the test points the proxy at an API server.
         if !self.proxy_args.iter().any(|a| a == "--kubeconfig") {
@@ -470,7 +476,7 @@ impl Node {
         args.extend(["--cluster-cidr".into(), CLUSTER_CIDR.into(), "--node-name".into(), self.name.clone()]);
         args.extend(["--node-ip".into(), self.node_ip.to_string()]);
         args.extend(self.proxy_args.iter().cloned());
-        self.spawn_proxy(binary, &args, &[])
+        args
     }
 
     /// Starts `binary` with exactly `args` and the environment `env` added (as a DaemonSet would

@@ -293,6 +293,44 @@ fn rolling_back_removes_the_kept_datapath_and_its_reserved_ports() {
     assert!(cleanup(&[]).contains("nothing pinned"), "a second run finds nothing");
 }
 
+#[test]
+fn pinned_maps_of_another_layout_are_refused_and_left_working() {
+    use aya::maps::{Array, Map, MapData};
+    let mut node = datapath_left_running(LbMode::TcOnly);
+    // As an older or newer release would have left them: its layout recorded as another.
+    let pin = node.bpffs.path.join("LAYOUT");
+    let mut layout: Array<MapData, u32> = Array::try_from(Map::Array(MapData::from_pin(&pin).unwrap())).unwrap();
+    assert_eq!(layout.get(&0, 0).unwrap(), proxy_common::MAP_LAYOUT, "the layout is recorded");
+    layout.set(0, &(proxy_common::MAP_LAYOUT + 1), 0).unwrap();
+    let args = node.proxy_command(LbMode::TcOnly);
+    node.spawn_proxy_unready(&proxy_binary(), &args, &[]).unwrap();
+    let status = node.wait_proxy_exit(Duration::from_secs(10)).expect("it refuses at once");
+    assert!(!status.success());
+    let log = node.proxy_log_text();
+    let want =
+        format!("have layout {}; this build reads layout {}", proxy_common::MAP_LAYOUT + 1, proxy_common::MAP_LAYOUT);
+    assert!(log.contains(&want) && log.contains("cleanup --ebpf-proxy"), "{log}");
+    // What it refused is left as it was, and still serves.
+    assert_eq!(layout.get(&0, 0).unwrap(), proxy_common::MAP_LAYOUT + 1);
+    assert_eq!(pods_reached(&node, false, 20), all_backends(2));
+}
+
+#[test]
+fn pins_from_before_layouts_were_recorded_are_adopted_as_layout_1() {
+    let mut node = datapath_left_running(LbMode::TcOnly);
+    // What the release before this one pins: neither LAYOUT nor CT_LEASES.
+    for name in ["LAYOUT", "CT_LEASES"] {
+        std::fs::remove_file(node.bpffs.path.join(name)).unwrap();
+    }
+    std::fs::write(&node.proxy_log, "").unwrap();
+    node.proxy_args.clear();
+    node.start_proxy(&proxy_binary(), LbMode::TcOnly).unwrap();
+    let log = node.proxy_log_text();
+    assert!(log.contains("adopting 1 frontends") && log.contains("0 entries written, 0 deleted"), "{log}");
+    assert!(node.bpffs.path.join("LAYOUT").exists() && node.bpffs.path.join("CT_LEASES").exists());
+    assert_eq!(pods_reached(&node, false, 20), all_backends(2));
+}
+
 /// Runs `ebpf-proxy trace --json` against the objects of `node`.
 fn trace(node: &Node, src: &str, dst: &str, proto: &str) -> serde_json::Value {
     let out =
