@@ -16,8 +16,11 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
     println!("cargo::rerun-if-env-changed=RUSTUP_TOOLCHAIN");
+    // The kernel programs are built with the same map layout as this side.
+    let features: &[&str] =
+        if std::env::var_os("CARGO_FEATURE_LAYOUT_TEST").is_some() { &["layout-test"] } else { &[] };
     aya_build::build_ebpf(
-        [Package { name: "proxy-ebpf", root_dir: &root_dir, ..Default::default() }],
+        [Package { name: "proxy-ebpf", root_dir: &root_dir, features, ..Default::default() }],
         Toolchain::Custom(&toolchain),
     )
 }

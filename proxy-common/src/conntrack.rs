@@ -95,10 +95,15 @@ pub struct CtEntry {
     /// `bpf_ktime_get_ns()` of the last packet in either direction.
     pub last_seen_ns: u64,
     /// Destination the original direction is rewritten to (the backend), network byte order.
+    #[cfg(not(feature = "layout-test"))]
     pub nat_addr: u32,
     /// With `CT_F_SNAT`: the source the original direction is rewritten to (node address and an
     /// allocated port, or the client's address with a remapped port).
     pub snat_addr: u32,
+    /// Only in the `layout-test` build: `nat_addr` after `snat_addr` — another layout of the same
+    /// size, which every connection would be misread in without its conversion.
+    #[cfg(feature = "layout-test")]
+    pub nat_addr: u32,
     pub backend_id: u32,
     /// The frontend's `service_id`.
     pub service_id: u32,

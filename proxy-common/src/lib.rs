@@ -26,7 +26,7 @@ pub use stats::*;
 /// connection, affinity and ID. Bump it with any change to the size or fields of a type kept in a
 /// pinned map, and give `run` the migration from the old one. Pins made before the layout was
 /// recorded are layout 1.
-pub const MAP_LAYOUT: u32 = 1;
+pub const MAP_LAYOUT: u32 = if cfg!(feature = "layout-test") { 2 } else { 1 };
 
 /// IP protocol numbers as carried in the IPv4 header.
 pub const PROTO_ICMP: u8 = 1;

@@ -16,9 +16,10 @@ use proxy_common::{
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
-/// The layout of the pinned maps (`MAP_LAYOUT`), written by `run`; no program reads it.
+/// The layout of the pinned maps (`MAP_LAYOUT`), and the layout a migration is switching them to
+/// (0: none), written by `run`; no program reads it.
 #[btf_map]
-pub static LAYOUT: Array<u32, 1> = Array::new();
+pub static LAYOUT: Array<u32, 2> = Array::new();
 
 #[btf_map]
 pub static FRONTENDS: HashMap<FrontendKey, Frontend, { MAX_FRONTENDS as usize }, NO_PREALLOC> = HashMap::new();

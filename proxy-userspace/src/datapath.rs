@@ -23,6 +23,7 @@ use proxy_common::{MAP_LAYOUT, NODE_F_CONFIGURED, NodeConfig, PodIface, STAT_MAX
 
 use crate::{
     conntrack::ConntrackMaps,
+    migrate::{self, Migration},
     reconcile::{Table, Tables},
     translate::SourceRange,
 };
@@ -127,6 +128,9 @@ pub struct Datapath {
     tc_links: BTreeMap<u32, Vec<PathBuf>>,
     sock_links: Vec<PathBuf>,
     keep: bool,
+    /// A change of map layout under way (see `migrate`): the pin directory and the migration, until
+    /// [`Datapath::finish_migration`].
+    migration: Option<(PathBuf, &'static Migration)>,
 }
 
 impl<K: Pod + Ord, V: Pod> Table<K, V> for HashMap<MapData, K, V> {
@@ -180,12 +184,22 @@ impl Datapath {
     pub fn load(mode: MapMode<'_>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)>;
+        let mut migration = None;
         match mode {
             MapMode::Pinned { dir, conntrack_max } => {
                 fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-                check_layout(dir)?;
-                pins = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
+                migration = plan_layout(dir)?.map(|m| (dir.to_owned(), m));
+                let migrated =
+                    |name: &str| migration.as_ref().is_some_and(|(_, m)| m.maps.iter().any(|(n, _)| *n == name));
+                pins = MAP_NAMES
+                    .iter()
+                    .map(|n| (*n, if migrated(n) { migrate::migrating_pin(dir, n) } else { dir.join(n) }))
+                    .collect();
                 for (name, path) in &pins {
+                    // A migration cut short left one: it is done again from the start.
+                    if migrated(name) && path.exists() {
+                        fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+                    }
                     loader.map_pin_path(name, path.as_path());
                 }
                 let size = adopted_size(dir, conntrack_max)?;
@@ -204,8 +218,19 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
-        let layout = ebpf.map_mut("LAYOUT").ok_or_else(|| anyhow!("map LAYOUT missing"))?;
-        Array::<&mut MapData, u32>::try_from(layout)?.set(0, &MAP_LAYOUT, 0).context("recording the map layout")?;
+        match &migration {
+            // The old layout stays recorded until the switch (a run cut short starts over).
+            Some((dir, m)) => {
+                for (name, convert) in m.maps {
+                    let n = migrate::copy(dir, name, *convert)?;
+                    log::info!(
+                        "migrating the pinned maps from layout {} to {MAP_LAYOUT}: {n} entries of {name} carried over",
+                        m.from
+                    );
+                }
+            }
+            None => set_layout(&mut ebpf, MAP_LAYOUT, 0)?,
+        }
         for name in TC_PROGRAMS {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
@@ -214,7 +239,24 @@ impl Datapath {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
         }
-        Ok(Self { ebpf, link_dir: None, tc_links: BTreeMap::new(), sock_links: Vec::new(), keep: false })
+        Ok(Self { ebpf, link_dir: None, tc_links: BTreeMap::new(), sock_links: Vec::new(), keep: false, migration })
+    }
+
+    /// Ends a change of map layout, once this instance's programs have taken over from the old
+    /// ones (their links released): the entries the old programs created since the first copy are
+    /// carried over, the migrated maps' pins take the old ones' names, and the new layout is
+    /// recorded. Returns the layout migrated from and the entries added, if there was a migration.
+    pub fn finish_migration(&mut self) -> Result<Option<(u32, usize)>> {
+        let Some((dir, m)) = self.migration.take() else { return Ok(None) };
+        let mut added = 0;
+        for (name, convert) in m.maps {
+            added += migrate::copy(&dir, name, *convert)?;
+        }
+        // Marked first: a run cut short between the renames finishes them (plan_layout).
+        set_layout(&mut self.ebpf, m.from, MAP_LAYOUT)?;
+        migrate::switch_pins(&dir, &m.maps.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;
+        set_layout(&mut self.ebpf, MAP_LAYOUT, 0)?;
+        Ok(Some((m.from, added)))
     }
 
     /// Loads `parse_only`, the benchmarks' baseline program (parsing as the Service programs do,
@@ -415,30 +457,58 @@ pub fn release_other_links(links_root: &Path, own: &Path) -> Result<usize> {
 
 /// The size of the connection table: `wanted`, unless a table is already pinned under `dir` — a
 /// running datapath's connections are adopted with the table they live in, whatever its size.
-/// The layout of the maps pinned under `dir`: `None` when none are; pins made before the layout was
+/// The layout record of the maps pinned under `dir` — the layout, and the layout a migration was
+/// switching to (0: none) — or `None` when no maps are pinned; pins made before the layout was
 /// recorded are layout 1.
-pub fn pinned_layout(dir: &Path) -> Result<Option<u32>> {
+pub fn pinned_layout(dir: &Path) -> Result<Option<(u32, u32)>> {
     if !dir.join("FRONTENDS").exists() {
         return Ok(None);
     }
-    let Ok(data) = MapData::from_pin(dir.join("LAYOUT")) else { return Ok(Some(1)) };
+    let Ok(data) = MapData::from_pin(dir.join("LAYOUT")) else { return Ok(Some((1, 0))) };
     let layout: Array<MapData, u32> = Array::try_from(Map::Array(data))?;
-    Ok(Some(layout.get(&0, 0).context("reading the pinned LAYOUT")?))
+    let read = |i| layout.get(&i, 0).context("reading the pinned LAYOUT");
+    Ok(Some((read(0)?, read(1)?)))
 }
 
-/// Refuses pinned maps of another layout than this build's (see proxy-common's `MAP_LAYOUT`):
-/// adopting them would read every entry with the wrong layout.
-fn check_layout(dir: &Path) -> Result<()> {
-    match pinned_layout(dir)? {
-        Some(pinned) if pinned != MAP_LAYOUT => bail!(
+/// Decides what to do with maps pinned under `dir` (see proxy-common's `MAP_LAYOUT` and `migrate`):
+/// adopt them (this build's layout, or none pinned), migrate them (`Some`), or refuse — adopting
+/// maps of another layout would read every entry wrongly.
+fn plan_layout(dir: &Path) -> Result<Option<&'static Migration>> {
+    let Some((pinned, switching)) = pinned_layout(dir)? else { return Ok(None) };
+    if pinned != MAP_LAYOUT && switching == MAP_LAYOUT {
+        // A migration to this layout stopped while switching its pins: finish the switch.
+        if let Some(m) = migrate::from(pinned) {
+            let left: Vec<&str> =
+                m.maps.iter().map(|(n, _)| *n).filter(|n| migrate::migrating_pin(dir, n).exists()).collect();
+            migrate::switch_pins(dir, &left)?;
+            let data = MapData::from_pin(dir.join("LAYOUT"))?;
+            let mut layout: Array<MapData, u32> = Array::try_from(Map::Array(data))?;
+            layout.set(0, &MAP_LAYOUT, 0)?;
+            layout.set(1, &0, 0)?;
+            return Ok(None);
+        }
+    }
+    if pinned == MAP_LAYOUT {
+        return Ok(None);
+    }
+    match migrate::from(pinned) {
+        Some(m) => Ok(Some(m)),
+        None => bail!(
             "the maps pinned under {} have layout {pinned}; this build reads layout {MAP_LAYOUT} and will not \
              adopt them (every connection, affinity and ID would be misread). Upgrade through the release that \
              migrates layout {pinned}, or remove the running datapath with `ebpf-proxy cleanup --ebpf-proxy` \
              first (established connections through Services then break)",
             dir.display()
         ),
-        _ => Ok(()),
     }
+}
+
+/// Records the layout (and the layout a migration is switching to, 0: none) in `LAYOUT`.
+fn set_layout(ebpf: &mut Ebpf, layout: u32, switching: u32) -> Result<()> {
+    let map = ebpf.map_mut("LAYOUT").ok_or_else(|| anyhow!("map LAYOUT missing"))?;
+    let mut array = Array::<&mut MapData, u32>::try_from(map)?;
+    array.set(1, &switching, 0).context("recording the map layout")?;
+    array.set(0, &layout, 0).context("recording the map layout")
 }
 
 fn adopted_size(dir: &Path, wanted: u32) -> Result<u32> {

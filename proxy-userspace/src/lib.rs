@@ -15,6 +15,7 @@ pub mod kube_source;
 pub mod kubeproxy_config;
 pub mod links;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod objects;
 pub mod proxy_health;

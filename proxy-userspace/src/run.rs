@@ -533,6 +533,13 @@ pub async fn run(mut args: RunArgs) -> Result<()> {
                     if n > 0 {
                         log::info!("released {n} links left by an earlier instance");
                     }
+                    // Only this instance's programs run now: a change of map layout can be completed.
+                    if let Some((from, added)) = proxy.dp.finish_migration()? {
+                        log::info!(
+                            "migrated the pinned maps from layout {from} to {}: {added} more entries carried over",
+                            proxy_common::MAP_LAYOUT
+                        );
+                    }
                     log::info!("ready");
                 }
             }

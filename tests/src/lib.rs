@@ -13,15 +13,20 @@ use std::path::PathBuf;
 
 /// The `ebpf-proxy` binary of this build (next to the test executable's `deps/` directory).
 pub fn proxy_binary() -> PathBuf {
+    built_binary("ebpf-proxy", "cargo build -p proxy-userspace")
+}
+
+/// The test-only build with another map layout (proxy-common's `layout-test`), for the upgrade test.
+pub fn proxy_binary_layout_test() -> PathBuf {
+    built_binary("ebpf-proxy-layout-test", "cargo xtask test builds it")
+}
+
+fn built_binary(name: &str, how: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("exe dir");
     let dir = if dir.ends_with("deps") { dir.parent().expect("target dir") } else { dir };
-    let bin = dir.join("ebpf-proxy");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (`cargo build -p proxy-userspace`, done by `cargo xtask test`)",
-        bin.display()
-    );
+    let bin = dir.join(name);
+    assert!(bin.is_file(), "{} is missing: build it first ({how}, done by `cargo xtask test`)", bin.display());
     bin
 }
 

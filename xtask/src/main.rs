@@ -119,6 +119,17 @@ fn build(release: bool, packages: &[&str], bins: bool) -> Result<()> {
     status(&mut c)
 }
 
+/// Builds `ebpf-proxy` with proxy-common's test-only `layout-test` map layout and keeps it as
+/// `target/debug/ebpf-proxy-layout-test`, for the test of an upgrade across a layout change. Cargo
+/// keeps both builds' artifacts: switching between them after the first time only relinks.
+fn build_layout_test() -> Result<()> {
+    status(cargo().args(["build", "-p", "proxy-userspace", "--bins", "--features", "layout-test"]))?;
+    let dir = target_dir(false);
+    std::fs::copy(dir.join("ebpf-proxy"), dir.join("ebpf-proxy-layout-test"))
+        .context("keeping the layout-test build")?;
+    Ok(())
+}
+
 /// Runs `cargo test`, echoing its output, and closes with one line totalling every test binary's
 /// result (the last `test result:` line cargo prints is the doc-tests', which says little).
 fn run_tests(cmd: &mut Command) -> Result<()> {
@@ -185,7 +196,9 @@ fn main() -> Result<()> {
             privileged(&target_dir(false).join("demo"), &[])
         }
         Task::Test { args } => {
-            // The end-to-end tests start the ebpf-proxy binary: build it first.
+            // The upgrade test's other side, a build with another map layout; then the real one (the
+            // end-to-end tests start the ebpf-proxy binary: build it first).
+            build_layout_test()?;
             build(false, &["proxy-userspace", "tests"], true)?;
             let mut c = cargo();
             // Every package with tests, the privileged `tests` too (it is not a default member). Live
