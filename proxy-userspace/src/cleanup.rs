@@ -1,8 +1,14 @@
 //! `ebpf-proxy cleanup`: removes what kube-proxy left on a node, as `kube-proxy --cleanup` does, so
 //! ebpf-proxy can replace it: the iptables chains kube-proxy owns (in nat, filter and mangle) and the
-//! rules in built-in chains that jump to them; the nftables `kube-proxy` tables. Chains kube-proxy
-//! shares with the kubelet (KUBE-MARK-MASQ, KUBE-MARK-DROP, KUBE-FIREWALL, KUBE-KUBELET-CANARY) and
-//! every rule that is not kube-proxy's stay. Run it in the node's network namespace, as root.
+//! rules in built-in chains that jump to them, in both iptables backends (legacy and nft: kube-proxy's
+//! image picks one per node, and a node may hold rules of either); the nftables `kube-proxy` tables;
+//! and what IPVS mode leaves (the virtual servers and the kube-ipvs0 device holding their addresses,
+//! and the KUBE-* ipsets its rules match). Chains kube-proxy shares with the kubelet (KUBE-MARK-MASQ,
+//! KUBE-MARK-DROP, KUBE-FIREWALL, KUBE-KUBELET-CANARY) and every rule that is not kube-proxy's stay.
+//! Every step runs even when an earlier one failed; then the command fails naming what failed, so an
+//! init container never lets ebpf-proxy start over rules it could not remove. A tool that is not
+//! installed is skipped (nothing made with it can be there). Run it in the node's network
+//! namespace, as root.
 //!
 //! `ebpf-proxy cleanup --ebpf-proxy` is the other way round, for rolling back: it removes
 //! ebpf-proxy's own datapath — its pinned programs (detaching them), its pinned maps, and the SNAT
@@ -11,7 +17,7 @@
 
 use std::{
     io::Write as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -74,6 +80,12 @@ const OWNED_CHAINS: &[&str] = &[
     "KUBE-FORWARD",
     "KUBE-PROXY-FIREWALL",
     "KUBE-PROXY-CANARY",
+    // IPVS mode's.
+    "KUBE-NODE-PORT",
+    "KUBE-LOAD-BALANCER",
+    "KUBE-SOURCE-RANGES-FIREWALL",
+    "KUBE-IPVS-FILTER",
+    "KUBE-IPVS-OUT-FILTER",
 ];
 /// Prefixes of the per-Service and per-endpoint chains.
 const OWNED_PREFIXES: &[&str] = &["KUBE-SVC-", "KUBE-SVL-", "KUBE-SEP-", "KUBE-FW-", "KUBE-XLB-", "KUBE-EXT-"];
@@ -139,56 +151,151 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Removes kube-proxy's iptables rules (IPv4 and IPv6) and nftables tables. Returns what was done.
-pub fn cleanup(dry_run: bool) -> Result<Vec<String>> {
+/// Whether `tool` is on PATH: a backend without its tool has nothing of kube-proxy's to remove.
+fn installed(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+}
+
+/// The iptables backends, each as (save, restore) for IPv4 and IPv6.
+const IPTABLES: &[(&str, &str)] = &[
+    ("iptables-legacy-save", "iptables-legacy-restore"),
+    ("ip6tables-legacy-save", "ip6tables-legacy-restore"),
+    ("iptables-nft-save", "iptables-nft-restore"),
+    ("ip6tables-nft-save", "ip6tables-nft-restore"),
+];
+
+/// The dummy device IPVS mode binds Service addresses to.
+const IPVS_DEVICE: &str = "kube-ipvs0";
+
+/// What a cleanup did, and which of its steps failed.
+#[derive(Default)]
+struct Report {
+    done: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl Report {
+    fn step(&mut self, what: &str, result: Result<Option<String>>) {
+        match result {
+            Ok(Some(line)) => self.done.push(line),
+            Ok(None) => {}
+            Err(e) => self.failed.push(format!("{what}: {e:#}")),
+        }
+    }
+}
+
+/// Removes kube-proxy's chains from one iptables backend and family.
+fn iptables_backend(save: &str, restore: &str, dry_run: bool) -> Result<Option<String>> {
+    if !installed(save) {
+        return Ok(Some(format!("{save}: not installed, skipped")));
+    }
+    let script = iptables_cleanup(&run(&mut Command::new(save))?);
+    if script.is_empty() {
+        return Ok(None);
+    }
+    let chains = script.lines().filter(|l| l.starts_with("-X ")).count();
+    let rules = script.lines().filter(|l| l.starts_with("-D ")).count();
+    if dry_run {
+        return Ok(Some(format!("{restore}: would remove {chains} chains and {rules} jump rules")));
+    }
+    let mut child = Command::new(restore)
+        .args(["--noflush"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {restore}"))?;
+    child.stdin.take().expect("stdin piped").write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{restore} --noflush failed: {}\ninput:\n{script}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(Some(format!("{restore}: removed {chains} chains and {rules} jump rules")))
+}
+
+/// Deletes the nftables `kube-proxy` tables (nftables mode).
+fn nftables(dry_run: bool) -> Result<Vec<String>> {
+    if !installed("nft") {
+        return Ok(vec!["nft: not installed, skipped".into()]);
+    }
+    let tables = run(Command::new("nft").args(["list", "tables"]))?;
     let mut done = Vec::new();
-    for (save, restore) in [("iptables-save", "iptables-restore"), ("ip6tables-save", "ip6tables-restore")] {
-        let current = match run(&mut Command::new(save)) {
-            Ok(s) => s,
-            Err(e) => {
-                done.push(format!("{save}: skipped ({e:#})"));
+    for family in ["ip", "ip6"] {
+        if tables.lines().any(|l| l.trim() == format!("table {family} kube-proxy")) {
+            if dry_run {
+                done.push(format!("nft: would delete table {family} kube-proxy"));
                 continue;
             }
-        };
-        let script = iptables_cleanup(&current);
-        if script.is_empty() {
-            continue;
+            run(Command::new("nft").args(["delete", "table", family, "kube-proxy"]))?;
+            done.push(format!("nft: deleted table {family} kube-proxy"));
         }
-        let chains = script.lines().filter(|l| l.starts_with("-X ")).count();
-        let rules = script.lines().filter(|l| l.starts_with("-D ")).count();
-        if dry_run {
-            done.push(format!("{restore}: would remove {chains} chains and {rules} jump rules"));
-            continue;
-        }
-        let mut child = Command::new(restore)
-            .args(["--noflush"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("running {restore}"))?;
-        child.stdin.take().expect("stdin piped").write_all(script.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!("{restore} --noflush failed: {}\ninput:\n{script}", String::from_utf8_lossy(&out.stderr));
-        }
-        done.push(format!("{restore}: removed {chains} chains and {rules} jump rules"));
-    }
-    match run(Command::new("nft").args(["list", "tables"])) {
-        Ok(tables) => {
-            for family in ["ip", "ip6"] {
-                if tables.lines().any(|l| l.trim() == format!("table {family} kube-proxy")) {
-                    if dry_run {
-                        done.push(format!("nft: would delete table {family} kube-proxy"));
-                        continue;
-                    }
-                    run(Command::new("nft").args(["delete", "table", family, "kube-proxy"]))?;
-                    done.push(format!("nft: deleted table {family} kube-proxy"));
-                }
-            }
-        }
-        Err(e) => done.push(format!("nft: skipped ({e:#})")),
     }
     Ok(done)
+}
+
+/// IPVS mode's virtual servers and device. kube-proxy flushes every virtual server; here that is done
+/// only where its device shows IPVS mode ran, so a node's own IPVS (keepalived) without it is left.
+fn ipvs(dry_run: bool) -> Result<Option<String>> {
+    if !Path::new("/sys/class/net").join(IPVS_DEVICE).exists() {
+        return Ok(None);
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    let mut servers = String::new();
+    if installed("ipvsadm") && Path::new("/proc/net/ip_vs").exists() {
+        let count =
+            run(Command::new("ipvsadm").args(["--save", "-n"]))?.lines().filter(|l| l.starts_with("-A ")).count();
+        if !dry_run {
+            run(Command::new("ipvsadm").arg("--clear"))?;
+        }
+        servers = format!("{count} virtual servers and ");
+    }
+    if !dry_run {
+        run(Command::new("ip").args(["link", "delete", IPVS_DEVICE]))?;
+    }
+    Ok(Some(format!("ipvs: {verb} {servers}{IPVS_DEVICE}")))
+}
+
+/// The names of kube-proxy's ipsets (IPVS mode names every one KUBE-…) in `ipset list -n` output.
+pub fn kube_proxy_ipsets(list: &str) -> Vec<&str> {
+    list.lines().map(str::trim).filter(|n| n.starts_with("KUBE-")).collect()
+}
+
+/// Destroys kube-proxy's ipsets; after the iptables cleanup, which removes the rules matching them
+/// (a set still referenced cannot be destroyed).
+fn ipsets(dry_run: bool) -> Result<Option<String>> {
+    if !installed("ipset") {
+        return Ok(None);
+    }
+    let list = run(Command::new("ipset").args(["list", "-n"]))?;
+    let sets = kube_proxy_ipsets(&list);
+    if sets.is_empty() {
+        return Ok(None);
+    }
+    if !dry_run {
+        for set in &sets {
+            run(Command::new("ipset").args(["destroy", set]))?;
+        }
+    }
+    let verb = if dry_run { "would destroy" } else { "destroyed" };
+    Ok(Some(format!("ipset: {verb} {}", sets.join(" "))))
+}
+
+/// Removes kube-proxy's iptables rules (both backends, IPv4 and IPv6), nftables tables and IPVS
+/// leftovers. Returns what was done; fails, after trying every step, if any step failed.
+pub fn cleanup(dry_run: bool) -> Result<Vec<String>> {
+    let mut report = Report::default();
+    for (save, restore) in IPTABLES {
+        report.step(save, iptables_backend(save, restore, dry_run));
+    }
+    match nftables(dry_run) {
+        Ok(lines) => report.done.extend(lines),
+        Err(e) => report.failed.push(format!("nft: {e:#}")),
+    }
+    report.step("ipvs", ipvs(dry_run));
+    report.step("ipset", ipsets(dry_run));
+    if !report.failed.is_empty() {
+        bail!("cleanup failed: {}\n(done: {})", report.failed.join("\n"), report.done.join("; "));
+    }
+    Ok(report.done)
 }
 
 #[cfg(test)]
@@ -246,5 +353,15 @@ COMMIT
         let pos = |l: &str| lines.iter().position(|x| x.starts_with(l)).unwrap();
         assert!(pos("-D ") < pos(":KUBE-") && pos(":KUBE-") < pos("-X "));
         assert_eq!(iptables_cleanup("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"), "");
+    }
+
+    #[test]
+    fn ipvs_modes_chains_and_sets_are_kube_proxys() {
+        for chain in ["KUBE-NODE-PORT", "KUBE-LOAD-BALANCER", "KUBE-IPVS-FILTER", "KUBE-SOURCE-RANGES-FIREWALL"] {
+            assert!(is_owned(chain), "{chain}");
+        }
+        assert!(!is_owned("KUBE-MARK-MASQ") && !is_owned("KUBE-FIREWALL"));
+        let list = "KUBE-CLUSTER-IP\nKUBE-6-NODE-PORT-TCP\nmy-blocklist\nKUBE-LOOP-BACK\n";
+        assert_eq!(kube_proxy_ipsets(list), ["KUBE-CLUSTER-IP", "KUBE-6-NODE-PORT-TCP", "KUBE-LOOP-BACK"]);
     }
 }

@@ -174,12 +174,7 @@ fn count(v: &Value, path: &str) -> Result<u32> {
 
 /// `IP:port`, or an IP alone with kube-proxy's default port.
 fn bind(v: &Value, path: &str, default_port: u16) -> Result<SocketAddr> {
-    let s = string(v, path)?;
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    let ip: Ipv4Addr = s.parse().with_context(|| format!("{path}: {s:?} is neither IP:port nor an IPv4 address"))?;
-    Ok(SocketAddr::from((ip, default_port)))
+    crate::run::bind_address(&string(v, path)?, default_port).map_err(|e| anyhow::anyhow!("{path}: {e}"))
 }
 
 /// Parses the file. Returns what it sets and notes for the log (unsupported fields that are set).

@@ -93,11 +93,13 @@ pub struct RunArgs {
     /// net.ipv4.ip_local_reserved_ports so local sockets never take them.
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     pub snat_port_range: (u16, u16),
-    /// Where `/healthz` and `/livez` are served (kube-proxy: --healthz-bind-address).
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    /// Where `/healthz` and `/livez` are served (kube-proxy: --healthz-bind-address): IP:port, or
+    /// an IP alone for port 10256.
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = |s: &str| bind_address(s, 10256))]
     pub healthz_bind_address: SocketAddr,
-    /// Where `/metrics` is served (kube-proxy: --metrics-bind-address).
-    #[arg(long, default_value = "127.0.0.1:10249")]
+    /// Where `/metrics` is served (kube-proxy: --metrics-bind-address): IP:port, or an IP alone for
+    /// port 10249 (the DaemonSet passes the node IP, IPv4 or IPv6, this way).
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = |s: &str| bind_address(s, 10249))]
     pub metrics_bind_address: SocketAddr,
     /// How often the maps are fully reconciled against what they hold, changes or not; twice this
     /// with a change still unprogrammed makes /healthz fail (kube-proxy: --sync-period).
@@ -121,6 +123,13 @@ pub struct RunArgs {
 /// CPUs this process may run on (the default conntrack size counts them, as kube-proxy does).
 pub fn cpus() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+/// `IP:port` (`[IPv6]:port`), or an IP alone (either family) with `default_port`.
+pub fn bind_address(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, default_port)))
+        .map_err(|_| format!("{s:?} is neither IP:port nor an IP address"))
 }
 
 pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {

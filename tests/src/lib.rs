@@ -3,11 +3,13 @@
 pub mod apiserver;
 pub mod client;
 pub mod cluster;
+pub mod deploy;
 pub mod fuzz;
 pub mod k8s;
 pub mod packets;
 pub mod progbed;
 pub mod testbed;
+pub mod tools;
 
 use std::path::PathBuf;
 

@@ -7,28 +7,16 @@
 
 use std::{
     io::Read as _,
-    path::PathBuf,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
 use tests::{
     apiserver::ApiServer,
-    testbed::{Netns, Proc, WorkDir, require_privileges, run, unique_id, wait_for},
+    testbed::{Netns, WorkDir, require_privileges, run, unique_id},
+    tools,
 };
-
-fn tool(name: &str) -> PathBuf {
-    let home = std::env::var("EBPF_PROXY_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".local/ebpf-proxy"));
-    let path = match name {
-        "etcd" => home.join("venv/bin/etcd"),
-        _ => home.join(name),
-    };
-    assert!(path.is_file(), "{} missing: run scripts/setup.sh", path.display());
-    path
-}
 
 /// One API server as the test talks to it: base URL and curl options.
 struct Endpoint {
@@ -74,56 +62,19 @@ fn events(mut child: std::process::Child) -> Vec<Value> {
     out.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// A real kube-apiserver with its etcd, in `ns`; stopped on drop.
+/// A real kube-apiserver with its etcd, in `ns`, and how the test talks to it.
 struct RealApiServer {
-    _apiserver: Proc,
-    _etcd: Proc,
+    _server: tools::RealApiServer,
     endpoint: Endpoint,
 }
 
 fn start_real(ns: &Netns, dir: &std::path::Path) -> RealApiServer {
-    std::fs::write(dir.join("tokens.csv"), "admintoken,admin,admin,system:masters\n").unwrap();
-    run(Command::new("openssl").args(["genrsa", "-out"]).arg(dir.join("sa.key")).arg("2048")).unwrap();
-    let mut etcd = ns.command(tool("etcd"));
-    etcd.arg("--data-dir")
-        .arg(dir.join("etcd"))
-        .args(["--listen-client-urls", "http://127.0.0.1:23790", "--advertise-client-urls", "http://127.0.0.1:23790"])
-        .args(["--listen-peer-urls", "http://127.0.0.1:23800"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap());
-    let etcd = Proc::spawn(etcd, "etcd").unwrap();
-    let mut api = ns.command(tool("kube-apiserver"));
-    api.args(["--etcd-servers=http://127.0.0.1:23790", "--secure-port=16443", "--bind-address=127.0.0.1"])
-        // A namespace with only loopback has no default route to take an address from.
-        .arg("--advertise-address=127.0.0.1")
-        // A short history, so that a resourceVersion expires within the test: watches served by
-        // etcd (no watch cache, which keeps at least 75 s), compacted every 2 s (default 5 min).
-        .args(["--watch-cache=false", "--etcd-compaction-interval=2s"])
-        .arg(format!("--cert-dir={}", dir.join("certs").display()))
-        .arg("--service-account-issuer=https://kubernetes.default.svc")
-        .arg(format!("--service-account-key-file={}", dir.join("sa.key").display()))
-        .arg(format!("--service-account-signing-key-file={}", dir.join("sa.key").display()))
-        .arg(format!("--token-auth-file={}", dir.join("tokens.csv").display()))
-        .args(["--authorization-mode=RBAC", "--service-cluster-ip-range=10.96.0.0/16"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("apiserver.log")).unwrap());
-    let apiserver = Proc::spawn(api, "kube-apiserver").unwrap();
+    let server = tools::RealApiServer::start(ns, dir).unwrap_or_else(|e| panic!("{e:#}"));
     let endpoint = Endpoint {
-        base: "https://127.0.0.1:16443".into(),
-        curl_opts: vec!["-k".into(), "-H".into(), "Authorization: Bearer admintoken".into()],
+        base: server.base.clone(),
+        curl_opts: vec!["-k".into(), "-H".into(), format!("Authorization: Bearer {}", server.token)],
     };
-    wait_for(Duration::from_secs(60), || {
-        run(ns
-            .command("curl")
-            .args(["-sk", "--fail", "-m", "2"])
-            .args(&endpoint.curl_opts[1..])
-            .arg("https://127.0.0.1:16443/readyz"))
-        .is_ok()
-    })
-    .unwrap_or_else(|_| {
-        panic!("kube-apiserver not ready: {}", std::fs::read_to_string(dir.join("apiserver.log")).unwrap_or_default())
-    });
-    RealApiServer { _apiserver: apiserver, _etcd: etcd, endpoint }
+    RealApiServer { _server: server, endpoint }
 }
 
 const NS: &str = "conf";

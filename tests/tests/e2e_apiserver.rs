@@ -207,9 +207,14 @@ fn restart_under_load(exit: Exit) {
         node.start_proxy(&proxy_binary(), LbMode::Socket).unwrap();
     }
     // A kept-alive connection (tc path) and two loops of new connections: through the socket path
-    // (curl in the node's cgroup, client pod) and through the tc path (a thread in another pod; a
-    // pod's processes all take one path on a real node).
-    let mut kept = connect_in(&node.pod("client").ns.name, SocketAddrV4::new(VIP, 80));
+    // (curl in the node's cgroup, client pod) and through the tc path (a thread in another pod). A
+    // pod's processes all take one path on a real node, and so they do here: the kept-alive
+    // connection is the tc-path pod's. (From the client pod, a socket-path connection to the same
+    // backend could draw the kept connection's source port — the kernel sees two different peers,
+    // the VIP and the backend — and then both are one 4-tuple on the wire.)
+    let tc_client = node.add_pod("tc-client").unwrap().ns.name.clone();
+    node.wait_for_attached(4).unwrap();
+    let mut kept = connect_in(&tc_client, SocketAddrV4::new(VIP, 80));
     let kept_pod = keepalive_request(&mut kept);
     let script = format!(
         "i=0; while [ $i -lt 100000 ] && [ ! -e {stop} ]; do curl -s -o /dev/null -w '%{{http_code}} %{{local_port}} %{{errormsg}}\\n' -m 2 http://{VIP}/; i=$((i+1)); done",
@@ -220,8 +225,6 @@ fn restart_under_load(exit: Exit) {
     let mut socket_loop = tests::testbed::Proc::spawn(socket_loop, "curl loop").unwrap();
     let stop = StopFlag::default();
     let flag = stop.clone();
-    let tc_client = node.add_pod("tc-client").unwrap().ns.name.clone();
-    node.wait_for_attached(4).unwrap();
     let tc_loop = in_netns(&tc_client, move || {
         let (mut ok, mut failed) = (0usize, Vec::new());
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -1,16 +1,16 @@
 //! The in-cluster bootstrap, in the single-node testbed. A node whose Service datapath is
 //! ebpf-proxy cannot reach the API server through the `kubernetes` Service before ebpf-proxy has
 //! synced, and ebpf-proxy cannot sync without the API server. Started the way the DaemonSet starts
-//! it — deploy/ebpf-proxy.yaml's command line and its ConfigMap's config.conf and kubeconfig.conf,
+//! it — deploy/base/ebpf-proxy.yaml's command line and its ConfigMap's config.conf and kubeconfig.conf,
 //! with the in-cluster environment variables set — it reaches the API server at its real address,
 //! becomes ready and serves the `kubernetes` ClusterIP to a pod; started with only the in-cluster
 //! variables, it refuses at once, saying what to set. Needs root; fails (never skips) without.
 
 use std::{net::SocketAddrV4, path::Path, time::Duration};
 
-use serde::Deserialize as _;
 use tests::{
     apiserver::ApiServer,
+    deploy::{Manifest, NodeFields, plain_http_kubeconfig},
     proxy_binary,
     testbed::{Node, run, service_yaml},
 };
@@ -19,15 +19,6 @@ use tests::{
 const KUBERNETES_SERVICE_HOST: &str = "10.96.0.1";
 /// The API server's real address: on the node itself, as on a control-plane node.
 const API_PORT: u16 = 6443;
-
-/// The manifest's documents.
-fn manifest() -> Vec<serde_json::Value> {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ebpf-proxy.yaml")).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
-        .collect()
-}
 
 /// The `kubernetes` Service (port 443 → the API server on the node) and its EndpointSlice.
 fn kubernetes_service(node: &Node) -> String {
@@ -44,59 +35,33 @@ fn kubernetes_service(node: &Node) -> String {
 
 /// The DaemonSet's container command line and ConfigMap, as a node would run them: the ConfigMap's
 /// files written where the test keeps them (its mount path replaced), with the API server address
-/// and the service account token the operator and the kubelet supply; the host paths and the
-/// pod-interface prefix replaced by the testbed's own; `$(NODE_NAME)` and `$(NODE_IP)` expanded.
+/// (the ConfigMap's `api-server`, passed as --master) and the service account token the operator
+/// and the kubelet supply; the host paths and the pod-interface prefix replaced by the testbed's
+/// own; the env the DaemonSet gives the container expanded.
 fn daemon_set_command(node: &Node, api: SocketAddrV4) -> Vec<String> {
-    let docs = manifest();
-    let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").expect("ConfigMap");
-    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("DaemonSet");
-    let container = &ds["spec"]["template"]["spec"]["containers"][0];
-    let config_mount =
-        container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "config").unwrap()["mountPath"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+    let mut manifest = Manifest::base();
+    let config_mount = manifest.mount_path("ebpf-proxy", "config");
     let dir = node.work.0.join("configmap");
     std::fs::create_dir_all(&dir).unwrap();
     let token = dir.join("token");
     // As the kubelet writes it: no trailing newline (which would land in the Authorization header).
     std::fs::write(&token, "test-service-account-token").unwrap();
     let mounted = |s: &str| s.replace(&config_mount, &dir.display().to_string());
-    // A plain-HTTP test API server: no CA to give.
-    let kubeconfig: String = cm["data"]["kubeconfig.conf"]
-        .as_str()
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("certificate-authority:"))
-        .map(|l| {
-            if l.trim_start().starts_with("server:") {
-                format!("{}server: http://{api}", &l[..l.find("server:").unwrap()])
-            } else if l.trim_start().starts_with("tokenFile:") {
-                format!("{}tokenFile: {}", &l[..l.find("tokenFile:").unwrap()], token.display())
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    // A plain-HTTP test API server at the node's address.
+    manifest.set_config("api-server", &format!("http://{api}"));
+    manifest.set_config("pod-interface-name-prefix", &node.pod_if_prefix());
+    let data = manifest.config_map();
+    let kubeconfig = plain_http_kubeconfig(data["kubeconfig.conf"].as_str().unwrap(), &token);
     std::fs::write(dir.join("kubeconfig.conf"), kubeconfig).unwrap();
-    std::fs::write(dir.join("config.conf"), mounted(cm["data"]["config.conf"].as_str().unwrap())).unwrap();
-    container["command"].as_array().unwrap()[1..]
+    std::fs::write(dir.join("config.conf"), mounted(data["config.conf"].as_str().unwrap())).unwrap();
+    let host_ip = node.node_ip.to_string();
+    let fields = NodeFields { name: &node.name, host_ip: &host_ip };
+    manifest.command_line("ebpf-proxy", &fields).unwrap()[1..]
         .iter()
-        .map(|a| {
-            let a = a
-                .as_str()
-                .unwrap()
-                .replace("$(NODE_NAME)", &node.name)
-                .replace("$(NODE_IP)", &node.node_ip.to_string());
-            match a.split_once('=') {
-                Some(("--bpffs", _)) => format!("--bpffs={}", node.bpffs.path.display()),
-                Some(("--cgroup", _)) => format!("--cgroup={}", node.cgroup.path.display()),
-                Some(("--pod-interface-name-prefix", _)) => {
-                    format!("--pod-interface-name-prefix={}", node.pod_if_prefix())
-                }
-                _ => mounted(&a),
-            }
+        .map(|a| match a.split_once('=') {
+            Some(("--bpffs", _)) => format!("--bpffs={}", node.bpffs.path.display()),
+            Some(("--cgroup", _)) => format!("--cgroup={}", node.cgroup.path.display()),
+            _ => mounted(a),
         })
         .collect()
 }

@@ -1,4 +1,6 @@
-//! Developer tasks: `cargo xtask <build-ebpf|build|run|demo|test|fuzz|bench>`.
+//! Developer tasks: `cargo xtask <build-ebpf|build|run|demo|test|fuzz|bench|image>`.
+
+mod image;
 
 use std::{
     path::{Path, PathBuf},
@@ -46,6 +48,9 @@ enum Task {
         #[arg(long, default_value_t = 10_000_000)]
         count: u64,
     },
+    /// Build the container image (localhost/ebpf-proxy:VERSION) with podman, from a Debian base made
+    /// with mmdebstrap: deploy/Containerfile.
+    Image,
     /// Run the benchmarks (release builds) and write BENCHMARKS.md.
     Bench {
         /// A short subset (smaller sizes, fewer samples).
@@ -200,6 +205,8 @@ fn main() -> Result<()> {
             // end-to-end tests start the ebpf-proxy binary: build it first).
             build_layout_test()?;
             build(false, &["proxy-userspace", "tests"], true)?;
+            // tests/tests/e2e_image.rs runs the image: build it (a cached rebuild after a change).
+            image::build(&root(), &target_dir(false).join("image"))?;
             let mut c = cargo();
             // Every package with tests, the privileged `tests` too (it is not a default member). Live
             // tests build whole nodes in namespaces: one at a time keeps a 2-core machine steady.
@@ -212,6 +219,12 @@ fn main() -> Result<()> {
                 bail!("the tests load BPF programs and create network namespaces: run `cargo xtask test` as root");
             }
             run_tests(&mut c)
+        }
+        Task::Image => {
+            if !is_root() {
+                bail!("podman builds and mmdebstrap run as root here: run `cargo xtask image` as root");
+            }
+            image::build(&root(), &target_dir(false).join("image"))
         }
         Task::Fuzz { seed, count } => {
             build(true, &["tests"], true)?;
