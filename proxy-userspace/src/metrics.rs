@@ -25,6 +25,8 @@ use prometheus_client::{
 };
 use proxy_common::{Affinity, AffinityKey, STAT_MAX, SockFlow, SockFlowKey, stat_is_drop, stat_name};
 
+use crate::objects::Skipped;
+
 use crate::datapath::{open_pinned, open_pinned_hash};
 
 /// Metrics the sync loop updates.
@@ -58,16 +60,10 @@ impl SyncMetrics {
     }
 
     /// Records the skipped objects of the latest model (a gauge: what is skipped now).
-    pub fn set_skipped(&self, errors: &[String]) {
+    pub fn set_skipped(&self, skipped: &[Skipped]) {
         self.skipped_objects.clear();
-        for e in errors {
-            let kind = if e.starts_with("Service ") {
-                "Service"
-            } else if e.starts_with("EndpointSlice ") {
-                "EndpointSlice"
-            } else {
-                "document"
-            };
+        for s in skipped {
+            let kind = s.kind.as_str();
             self.skipped_objects.get_or_create(&vec![("kind".into(), kind.into())]).inc();
         }
     }

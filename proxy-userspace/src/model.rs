@@ -16,7 +16,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
-use crate::objects::Objects;
+use crate::objects::{Objects, Skipped, SkippedKind};
 
 /// Label naming the proxy that should handle a Service (kube-proxy ignores Services that carry it).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -231,8 +231,8 @@ pub struct Model {
     pub ports: BTreeMap<ServicePortName, ServicePort>,
     /// Zones of the nodes listed in the objects (`topology.kubernetes.io/zone`), by node name.
     pub node_zones: BTreeMap<String, String>,
-    /// One line per skipped object or field.
-    pub errors: Vec<String>,
+    /// Every object, or part of one, left out.
+    pub errors: Vec<Skipped>,
 }
 
 /// Options that decide which objects are ours.
@@ -265,7 +265,7 @@ pub fn build(objects: &Objects, opts: &ModelOptions) -> Model {
                 by_service.insert((ns, name), ports);
             }
             Ok(_) => {}
-            Err(e) => model.errors.push(format!("Service {ns}/{name} skipped: {e}")),
+            Err(e) => model.errors.push(Skipped::object(SkippedKind::Service, format!("{ns}/{name}"), e.to_string())),
         }
     }
     let mut seen_endpoints: BTreeMap<ServicePortName, BTreeSet<(Ipv4Addr, u16)>> = BTreeMap::new();
@@ -273,7 +273,8 @@ pub fn build(objects: &Objects, opts: &ModelOptions) -> Model {
         let (ns, slice_name) = meta_name(&slice.metadata);
         let labels = slice.metadata.labels.as_ref();
         let Some(svc_name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            model.errors.push(format!("EndpointSlice {ns}/{slice_name} skipped: no {SERVICE_NAME_LABEL} label"));
+            let reason = format!("no {SERVICE_NAME_LABEL} label");
+            model.errors.push(Skipped::object(SkippedKind::EndpointSlice, format!("{ns}/{slice_name}"), reason));
             continue;
         };
         if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
@@ -286,10 +287,8 @@ pub fn build(objects: &Objects, opts: &ModelOptions) -> Model {
         };
         if slice.address_type != "IPv4" {
             if slice.address_type != "IPv6" {
-                model.errors.push(format!(
-                    "EndpointSlice {ns}/{slice_name} skipped: address type {} is not supported",
-                    slice.address_type
-                ));
+                let reason = format!("address type {} is not supported", slice.address_type);
+                model.errors.push(Skipped::object(SkippedKind::EndpointSlice, format!("{ns}/{slice_name}"), reason));
             }
             continue;
         }
@@ -439,7 +438,7 @@ fn add_slice_endpoints(
     slice: &EndpointSlice,
     sp: &mut ServicePort,
     seen: &mut BTreeMap<ServicePortName, BTreeSet<(Ipv4Addr, u16)>>,
-    errors: &mut Vec<String>,
+    errors: &mut Vec<Skipped>,
 ) {
     let (ns, slice_name) = meta_name(&slice.metadata);
     let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
@@ -449,7 +448,8 @@ fn add_slice_endpoints(
         return;
     };
     let Some(port) = slice_port.port.and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0) else {
-        errors.push(format!("EndpointSlice {ns}/{slice_name}: port {:?} has no valid port number", sp.name.port));
+        let reason = format!("port {:?} has no valid port number", sp.name.port);
+        errors.push(Skipped::part(SkippedKind::EndpointSlice, format!("{ns}/{slice_name}"), reason));
         return;
     };
     let seen = seen.entry(sp.name.clone()).or_default();
@@ -462,7 +462,8 @@ fn add_slice_endpoints(
         // Like kube-proxy, only the first address of an endpoint is used.
         let Some(addr) = ep.addresses.first() else { continue };
         let Ok(addr) = addr.parse::<Ipv4Addr>() else {
-            errors.push(format!("EndpointSlice {ns}/{slice_name}: endpoint address {addr:?} is not an IPv4 address"));
+            let reason = format!("endpoint address {addr:?} is not an IPv4 address");
+            errors.push(Skipped::part(SkippedKind::EndpointSlice, format!("{ns}/{slice_name}"), reason));
             continue;
         };
         // The same endpoint can appear in two slices while it moves between them: count it once.

@@ -22,8 +22,71 @@ pub struct Objects {
     pub slices: Vec<EndpointSlice>,
     /// Nodes (only this node's topology labels are used).
     pub nodes: Vec<Node>,
-    /// Documents that could not be decoded: (file, document index, error).
-    pub errors: Vec<String>,
+    /// Documents that could not be decoded.
+    pub errors: Vec<Skipped>,
+}
+
+/// What a skip concerned: metrics count by it, logs name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SkippedKind {
+    Service,
+    EndpointSlice,
+    Node,
+    /// A YAML document that is no object at all (invalid YAML).
+    Document,
+}
+
+impl SkippedKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+            Self::Node => "Node",
+            Self::Document => "document",
+        }
+    }
+}
+
+/// An object left out of the desired state, or the part of one that was (an endpoint, a port), and
+/// why. Metrics use `kind` directly; the log line is its Display.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Skipped {
+    pub kind: SkippedKind,
+    /// `namespace/name`, or for a document `ORIGIN document INDEX`.
+    pub object: String,
+    /// The whole object was left out (not only a part of it).
+    pub whole: bool,
+    /// Where it was read from, when that is a file (`--objects`).
+    pub origin: Option<String>,
+    pub reason: String,
+}
+
+impl Skipped {
+    /// The whole object was left out.
+    pub fn object(kind: SkippedKind, object: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { kind, object: object.into(), whole: true, origin: None, reason: reason.into() }
+    }
+
+    /// A part of the object was left out; the rest is used.
+    pub fn part(kind: SkippedKind, object: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { whole: false, ..Self::object(kind, object, reason) }
+    }
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.kind == SkippedKind::Document {
+            return write!(f, "{}: {}", self.object, self.reason);
+        }
+        write!(f, "{} {}", self.kind.as_str(), self.object)?;
+        if self.whole {
+            f.write_str(" skipped")?;
+        }
+        if let Some(origin) = &self.origin {
+            write!(f, " ({origin})")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
 }
 
 /// The YAML files under `path` (itself if a file), in name order so that results are deterministic.
@@ -61,7 +124,8 @@ pub fn parse_into(text: &str, origin: &str, objects: &mut Objects) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
-                objects.errors.push(format!("{origin} document {index}: invalid YAML: {e}"));
+                let document = format!("{origin} document {index}");
+                objects.errors.push(Skipped::object(SkippedKind::Document, document, format!("invalid YAML: {e}")));
                 // A syntax error ends the stream: nothing after it can be read reliably.
                 break;
             }
@@ -89,7 +153,14 @@ pub fn parse_into(text: &str, origin: &str, objects: &mut Objects) {
             _ => Ok(()),
         };
         if let Err(e) = result {
-            objects.errors.push(format!("{kind} {object} skipped ({origin} document {index}): {e}"));
+            let kind = match kind.as_str() {
+                "Service" => SkippedKind::Service,
+                "EndpointSlice" => SkippedKind::EndpointSlice,
+                _ => SkippedKind::Node,
+            };
+            let mut skipped = Skipped::object(kind, object, e.to_string());
+            skipped.origin = Some(format!("{origin} document {index}"));
+            objects.errors.push(skipped);
         }
     }
 }

@@ -299,7 +299,7 @@ impl Proxy {
         let modelled = started.elapsed();
         let (desired, notes) = translate::translate(&model, &node, &mut self.ids);
         // Every sync sees the same problems again: each is logged once, when it first appears.
-        let problems: BTreeSet<String> = model.errors.iter().chain(&notes).cloned().collect();
+        let problems: BTreeSet<String> = model.errors.iter().map(ToString::to_string).chain(notes).collect();
         for p in problems.difference(&self.reported) {
             log::warn!("{p}");
         }

@@ -133,7 +133,7 @@ fn translate(yaml: &str) -> (String, Vec<String>) {
     };
     let node = NodeContext::new(&args, &model);
     let (desired, notes) = translate::translate(&model, &node, &mut Ids::default());
-    (render(&desired), model.errors.into_iter().chain(notes).collect())
+    (render(&desired), model.errors.iter().map(ToString::to_string).chain(notes).collect())
 }
 
 #[test]

@@ -9,7 +9,7 @@ use ebpf_proxy::{
     config::NodeArgs,
     health, inspect,
     model::{self, ModelOptions},
-    objects::{self, Objects},
+    objects::{self, Objects, SkippedKind},
     reconcile::{Reconciler, Table, Tables},
     stale,
     translate::{self, DesiredMaps, Ids, NodeContext},
@@ -76,9 +76,14 @@ fn malformed_and_foreign_services_are_skipped_and_the_rest_kept() {
     assert!(d.frontends.contains_key(&fe([10, 96, 0, 1], 80, PROTO_TCP)));
     // One clear line per malformed object, naming it.
     for name in ["badip", "v6", "port0", "dup", "proto", "broken"] {
-        assert!(m.errors.iter().any(|e| e.contains(name)), "no error for {name}: {:?}", m.errors);
+        assert!(m.errors.iter().any(|e| e.to_string().contains(name)), "no error for {name}: {:?}", m.errors);
     }
     assert_eq!(m.errors.len(), 6, "{:?}", m.errors);
+    // Typed records: what metrics count by, without reading the text.
+    let broken = m.errors.iter().find(|e| e.object == "ns/broken").expect("the undecodable Service");
+    assert_eq!((broken.kind, broken.whole), (SkippedKind::Service, true));
+    assert!(broken.origin.as_deref().is_some_and(|o| o.contains("document")), "{broken:?}");
+    assert!(broken.to_string().starts_with("Service ns/broken skipped ("), "{broken}");
 }
 
 #[test]
