@@ -232,10 +232,11 @@ pub fn start(client: Client, node_name: &str, service_proxy_name: Option<&str>, 
         tx,
         None,
     );
+    // The stores' own Arcs: a snapshot copies pointers, never objects.
     let snapshot = Box::new(move || Objects {
-        services: services.state().iter().map(|s| (**s).clone()).collect(),
-        slices: slices.state().iter().map(|s| (**s).clone()).collect(),
-        nodes: nodes.state().iter().map(|n| (**n).clone()).collect(),
+        services: services.state(),
+        slices: slices.state(),
+        nodes: nodes.state(),
         errors: Vec::new(),
     });
     Source::new(rx, snapshot, vec![t1, t2, t3])

@@ -6,6 +6,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context as _, Result};
@@ -15,13 +16,14 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize as _;
 
-/// The objects found under a path.
+/// The objects of one sync. Shared, not copied: the API server source hands out the reflector
+/// stores' own `Arc`s, so taking a snapshot of 100,000 objects copies 100,000 pointers.
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
     /// Nodes (only this node's topology labels are used).
-    pub nodes: Vec<Node>,
+    pub nodes: Vec<Arc<Node>>,
     /// Documents that could not be decoded.
     pub errors: Vec<Skipped>,
 }
@@ -137,9 +139,11 @@ pub fn parse_into(text: &str, origin: &str, objects: &mut Objects) {
         let object =
             format!("{}/{}", meta("namespace").unwrap_or_else(|| "default".into()), meta("name").unwrap_or_default());
         let result = match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => serde_yaml::from_value(value).map(|s| objects.services.push(s)),
-            ("discovery.k8s.io/v1", "EndpointSlice") => serde_yaml::from_value(value).map(|s| objects.slices.push(s)),
-            ("v1", "Node") => serde_yaml::from_value(value).map(|n| objects.nodes.push(n)),
+            ("v1", "Service") => serde_yaml::from_value(value).map(|s| objects.services.push(Arc::new(s))),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                serde_yaml::from_value(value).map(|s| objects.slices.push(Arc::new(s)))
+            }
+            ("v1", "Node") => serde_yaml::from_value(value).map(|n| objects.nodes.push(Arc::new(n))),
             ("v1", "List") => {
                 // `kubectl get -o yaml` output: recurse into the items.
                 if let Some(items) = value.get("items").and_then(|v| v.as_sequence()) {

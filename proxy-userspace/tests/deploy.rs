@@ -131,11 +131,12 @@ fn the_pod_runs_on_apparmor_and_selinux_hosts_and_is_probed_and_sized_as_measure
     let window = startup.period_seconds.unwrap() * startup.failure_threshold.unwrap();
     assert!(window >= 60, "the first sync at tens of thousands of Services takes seconds: {window} s");
     assert!(c.liveness_probe.as_ref().unwrap().initial_delay_seconds.is_none(), "the startupProbe covers start");
-    // BENCHMARKS.md: ~210 MiB RSS at 10k Services plus ~140 MiB of maps charged to the pod.
+    // BENCHMARKS.md: ~140 MiB RSS at 10k Services plus ~140 MiB of maps charged to the pod, and a
+    // sync's working set.
     let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
     let memory = &requests["memory"].0;
     let mib: u64 = memory.strip_suffix("Mi").unwrap_or_else(|| panic!("{memory} in Mi")).parse().unwrap();
-    assert!(mib >= 350, "{memory}");
+    assert!(mib >= 300, "{memory}");
     let ports: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
     assert!(ports.contains(&10249) && ports.contains(&10256), "{ports:?}");
 }

@@ -204,8 +204,8 @@ impl PacketBed {
         let mut objs = Objects::default();
         for i in 0..services {
             let s = BenchService::entry(i);
-            objs.services.push(serde_json::from_value(s.service_json())?);
-            objs.slices.push(serde_json::from_value(s.slice_json())?);
+            objs.services.push(std::sync::Arc::new(serde_json::from_value(s.service_json())?));
+            objs.slices.push(std::sync::Arc::new(serde_json::from_value(s.slice_json())?));
         }
         let model = model::build(&objs, &ModelOptions::default());
         let args = NodeArgs {
