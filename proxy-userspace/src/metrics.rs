@@ -42,6 +42,8 @@ pub struct SyncMetrics {
     pub endpoint_changes: Counter,
     /// Objects skipped as malformed, by kind.
     pub skipped_objects: Family<Vec<(String, String)>, Gauge>,
+    /// Entries a full sync found changed behind ebpf-proxy's back and repaired, by map.
+    pub drift_repaired: Family<Vec<(String, String)>, Counter>,
 }
 
 impl SyncMetrics {
@@ -56,6 +58,15 @@ impl SyncMetrics {
             service_changes: Counter::default(),
             endpoint_changes: Counter::default(),
             skipped_objects: Family::default(),
+            drift_repaired: Family::default(),
+        }
+    }
+
+    /// Counts what a full sync found drifted (and is about to repair).
+    pub fn count_drift(&self, drift: &crate::reconcile::Drift) {
+        for (map, changed, missing, unexpected) in &drift.maps {
+            let n = (changed + missing + unexpected) as u64;
+            self.drift_repaired.get_or_create(&vec![("map".into(), (*map).into())]).inc_by(n);
         }
     }
 
@@ -238,6 +249,11 @@ impl Metrics {
             "skipped_objects",
             "Kubernetes objects skipped as malformed, by kind",
             sync.skipped_objects.clone(),
+        );
+        own.register(
+            "sync_drift_repaired",
+            "Map entries a full sync found changed, missing or unexpected (written behind ebpf-proxy's back) and repaired, by map",
+            sync.drift_repaired.clone(),
         );
         own.register(
             "conntrack_gc_removed",

@@ -73,6 +73,43 @@ impl Tables {
     }
 }
 
+/// What a full sync found changed behind the reconciler's back, per map: entries whose value
+/// differs from what was written, entries gone, entries nobody wrote. Nothing but ebpf-proxy writes
+/// these maps, so anything here is drift (a tool, an operator, a bug) — there should be none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Drift {
+    /// (map, changed, missing, unexpected), for the maps that drifted.
+    pub maps: Vec<(&'static str, usize, usize, usize)>,
+}
+
+impl Drift {
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty()
+    }
+
+    /// Entries that drifted, in all.
+    pub fn total(&self) -> usize {
+        self.maps.iter().map(|(_, c, m, u)| c + m + u).sum()
+    }
+
+    fn compare<K: Ord, V: PartialEq>(&mut self, map: &'static str, believed: &BTreeMap<K, V>, held: &BTreeMap<K, V>) {
+        let changed = believed.iter().filter(|(k, v)| held.get(*k).is_some_and(|h| h != *v)).count();
+        let missing = believed.keys().filter(|k| !held.contains_key(*k)).count();
+        let unexpected = held.keys().filter(|k| !believed.contains_key(*k)).count();
+        if changed + missing + unexpected > 0 {
+            self.maps.push((map, changed, missing, unexpected));
+        }
+    }
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> =
+            self.maps.iter().map(|(map, c, m, u)| format!("{map}: {c} changed, {m} missing, {u} unexpected")).collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
 /// Counts of entries written and deleted by one sync.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
@@ -123,10 +160,22 @@ impl Reconciler {
     }
 
     /// Forgets what it believed and reads what the maps hold (a full sync: anything changed behind
-    /// its back, or left half-written by a failed sync, is then corrected).
-    pub fn refresh(&mut self, tables: &Tables) -> Result<()> {
-        self.actual = tables.dump()?;
-        Ok(())
+    /// its back is then corrected). Returns how the maps differed from what it believed. After a
+    /// failed sync the belief still matches what was written, so that is drift too.
+    pub fn refresh(&mut self, tables: &Tables) -> Result<Drift> {
+        let held = tables.dump()?;
+        let (b, h) = (&self.actual, &held);
+        let mut drift = Drift::default();
+        drift.compare("frontends", &b.frontends, &h.frontends);
+        drift.compare("backend_slots", &b.slots, &h.slots);
+        drift.compare("backends", &b.backends, &h.backends);
+        drift.compare("backend_members", &b.members, &h.members);
+        drift.compare("service_addrs", &b.service_addrs, &h.service_addrs);
+        drift.compare("source_ranges", &b.source_ranges, &h.source_ranges);
+        drift.compare("node_config", &b.node_config, &h.node_config);
+        drift.compare("node_addrs", &b.node_addrs, &h.node_addrs);
+        self.actual = held;
+        Ok(drift)
     }
 
     /// What the reconciler believes the maps hold.

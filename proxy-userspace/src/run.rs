@@ -288,10 +288,21 @@ impl Proxy {
         let model = model::build(objects, &self.model_opts);
         self.metrics.sync.set_skipped(&model.errors);
         self.proxy_health.set_node_eligible(node_eligible(objects, &self.node.node_name));
-        if full && let Err(e) = self.reconciler.refresh(&self.tables) {
-            log::error!("reading the maps for a full sync: {e:#}");
-            self.metrics.sync.sync_failures.inc();
-            return false;
+        if full {
+            match self.reconciler.refresh(&self.tables) {
+                Ok(drift) if drift.is_empty() => {}
+                // Nothing but ebpf-proxy writes these maps: say what changed behind its back; the
+                // sync below repairs it.
+                Ok(drift) => {
+                    log::warn!("full sync: {} map entries had drifted and are repaired: {drift}", drift.total());
+                    self.metrics.sync.count_drift(&drift);
+                }
+                Err(e) => {
+                    log::error!("reading the maps for a full sync: {e:#}");
+                    self.metrics.sync.sync_failures.inc();
+                    return false;
+                }
+            }
         }
         let mut node = NodeContext::new(&self.node, &model);
         node.snat_ports = self.snat_ports;

@@ -231,6 +231,36 @@ fn reconciler_writes_references_first_deletes_in_reverse_and_touches_only_change
 }
 
 #[test]
+fn a_full_sync_repairs_and_reports_what_changed_behind_the_reconcilers_back() {
+    let mut tables = Tables::in_memory();
+    let mut rec = Reconciler::new(&tables).unwrap();
+    let m = model::build(&objects(&web(&["10.0.0.1", "10.0.0.2"])), &ModelOptions::default());
+    let (d, _) = translate::translate(&m, &node(&m), &mut Ids::default());
+    rec.sync(&d, &mut tables).unwrap();
+    // Nothing changed: a full sync finds no drift and writes nothing.
+    let drift = rec.refresh(&tables).unwrap();
+    assert!(drift.is_empty(), "{drift}");
+    assert_eq!(rec.sync(&d, &mut tables).unwrap(), Default::default());
+    // Behind its back: one frontend's value changed, one backend deleted, one frontend added.
+    let web_fe = fe([10, 96, 0, 1], 80, PROTO_TCP);
+    let mut changed = d.frontends[&web_fe];
+    changed.backend_count += 5;
+    tables.frontends.put(&web_fe, &changed).unwrap();
+    let (backend_id, _) = d.backends.iter().next().unwrap();
+    tables.backends.del(backend_id).unwrap();
+    tables.frontends.put(&fe([10, 96, 9, 9], 9, PROTO_TCP), &changed).unwrap();
+    // An incremental sync trusts its mirror and sees nothing to do; the full one finds all three.
+    assert_eq!(rec.sync(&d, &mut tables).unwrap(), Default::default());
+    let drift = rec.refresh(&tables).unwrap();
+    assert_eq!(drift.maps, [("frontends", 1, 0, 1), ("backends", 0, 1, 0)], "{drift}");
+    assert_eq!(drift.total(), 3);
+    let s = rec.sync(&d, &mut tables).unwrap();
+    assert_eq!((s.written, s.deleted), (2, 1));
+    assert_eq!(tables.dump().unwrap(), d, "repaired");
+    assert!(rec.refresh(&tables).unwrap().is_empty());
+}
+
+#[test]
 fn ids_are_stable_and_restored_from_the_maps() {
     let yaml = web(&["10.0.0.1", "10.0.0.2"]);
     let m = model::build(&objects(&yaml), &ModelOptions::default());

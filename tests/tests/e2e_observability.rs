@@ -141,3 +141,47 @@ fn health_metrics_and_inspection_commands_show_syncs_counters_maps_and_skipped_o
     assert_eq!(get(&node, "http://127.0.0.1:10256/livez").0, "200");
     node.stop_proxy().unwrap();
 }
+
+#[test]
+fn a_full_sync_repairs_map_entries_changed_behind_its_back_and_counts_them() {
+    let mut node = Node::new(2).expect("testbed node");
+    for pod in &mut node.pods {
+        pod.start_nginx().unwrap();
+    }
+    node.add_pod("client").unwrap();
+    let ips: Vec<_> = node.pods[..2].iter().map(|p| p.ip).collect();
+    node.write_objects(
+        "web.yaml",
+        &(service_yaml("web", VIP, 80, "TCP") + "---\n" + &slice_yaml("web", 80, "TCP", &ips)),
+    )
+    .unwrap();
+    // A full sync every second (kube-proxy's --sync-period), so the test need not wait 30 s.
+    node.proxy_args = vec!["--sync-period".into(), "1s".into()];
+    node.start_proxy(&proxy_binary(), LbMode::TcOnly).unwrap();
+    let mut tables = ebpf_proxy::datapath::pinned_tables(&node.bpffs.path).unwrap();
+    let before = tables.dump().unwrap();
+    // Behind its back, as a stray tool would: the frontend's backend count changed, a backend deleted.
+    let (key, frontend) = before.frontends.iter().next().map(|(k, v)| (*k, *v)).expect("the ClusterIP's frontend");
+    let mut changed = frontend;
+    changed.backend_count = 7;
+    tables.frontends.put(&key, &changed).unwrap();
+    let backend = *before.backends.keys().next().unwrap();
+    tables.backends.del(&backend).unwrap();
+    assert_ne!(tables.dump().unwrap(), before);
+    // The next full sync puts both back, says so, and counts them by map.
+    wait_for(Duration::from_secs(10), || tables.dump().unwrap() == before).expect("repaired by a full sync");
+    let log = node.proxy_log_text();
+    assert!(log.contains("map entries had drifted and are repaired"), "{log}");
+    assert!(log.contains("frontends: 1 changed, 0 missing, 0 unexpected"), "{log}");
+    assert!(log.contains("backends: 0 changed, 1 missing, 0 unexpected"), "{log}");
+    let (_, page) = get(&node, "http://127.0.0.1:10249/metrics");
+    assert_eq!(sample(&page, "ebpf_proxy_sync_drift_repaired_total{map=\"frontends\"}"), 1.0);
+    assert_eq!(sample(&page, "ebpf_proxy_sync_drift_repaired_total{map=\"backends\"}"), 1.0);
+    // Then no more drift: later full syncs find the maps as written.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(node.proxy_log_text().matches("had drifted").count(), 1, "{}", node.proxy_log_text());
+    for _ in 0..5 {
+        node.curl("client", false, &format!("http://{VIP}/")).expect("through the ClusterIP");
+    }
+    node.stop_proxy().unwrap();
+}
