@@ -468,3 +468,133 @@ fn inspection_rows_show_frontends_with_their_sets_and_only_live_conntrack_entrie
     assert_eq!((rows[0].idle_s, rows[0].expires_in_s, rows[0].protocol.as_str()), (10, 110, "UDP"));
     assert_eq!((rows[0].state, rows[0].assured), ("REPLIED", true));
 }
+
+/// A table whose writes fail once a budget shared by all tables is spent: the N-th write of a sync
+/// fails, as a full map or a kernel error would make it.
+struct Faulty<K, V> {
+    inner: std::collections::BTreeMap<K, V>,
+    budget: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl<K: Ord + Clone, V: Clone> Faulty<K, V> {
+    fn spend(&self) -> anyhow::Result<()> {
+        if self.budget.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) <= 0 {
+            anyhow::bail!("injected write failure");
+        }
+        Ok(())
+    }
+}
+
+impl<K: Ord + Clone, V: Clone> Table<K, V> for Faulty<K, V> {
+    fn put(&mut self, k: &K, v: &V) -> anyhow::Result<()> {
+        self.spend()?;
+        self.inner.put(k, v)
+    }
+    fn del(&mut self, k: &K) -> anyhow::Result<()> {
+        self.spend()?;
+        self.inner.del(k)
+    }
+    fn entries(&self) -> anyhow::Result<std::collections::BTreeMap<K, V>> {
+        Ok(self.inner.clone())
+    }
+}
+
+fn faulty_tables(budget: &Arc<std::sync::atomic::AtomicI64>) -> Tables {
+    fn f<K, V>(budget: &Arc<std::sync::atomic::AtomicI64>) -> Box<Faulty<K, V>> {
+        Box::new(Faulty { inner: Default::default(), budget: budget.clone() })
+    }
+    Tables {
+        frontends: f(budget),
+        slots: f(budget),
+        backends: f(budget),
+        members: f(budget),
+        service_addrs: f(budget),
+        source_ranges: f(budget),
+        node_config: f(budget),
+        node_addrs: f(budget),
+    }
+}
+
+/// What the datapath reads through a frontend is there: both backend sets' slots, the backends and
+/// memberships they name, and (but for NodePorts) the address's entry in the Service address set.
+fn assert_consistent(t: &DesiredMaps, when: &str) {
+    use proxy_common::{BackendSlotKey, LOCAL_SLOT_BASE, MemberKey};
+    for (key, fe) in &t.frontends {
+        let sets = [(0, fe.backend_count), (LOCAL_SLOT_BASE, fe.local_count)];
+        for slot in sets.iter().flat_map(|&(base, n)| (0..u32::from(n)).map(move |i| base + i)) {
+            let id = t.slots.get(&BackendSlotKey { service_id: fe.service_id, slot });
+            let id = id.unwrap_or_else(|| panic!("{when}: {key:?} slot {slot} missing"));
+            assert!(t.backends.contains_key(id), "{when}: {key:?} slot {slot} names missing backend {id}");
+            assert!(
+                t.members.contains_key(&MemberKey { service_id: fe.service_id, backend_id: *id }),
+                "{when}: {key:?}: backend {id} without its membership"
+            );
+        }
+        // NodePorts live on node addresses, which are not Service addresses (by design).
+        if fe.flags & proxy_common::FRONTEND_F_NODE_PORT == 0 {
+            assert!(t.service_addrs.contains_key(&key.addr), "{when}: {key:?} without its address entry");
+        }
+    }
+}
+
+#[test]
+fn a_sync_failing_at_any_write_leaves_the_maps_consistent_and_the_next_sync_completes() {
+    let np = "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: ns}\nspec:\n  type: NodePort\n  \
+              clusterIP: 10.96.0.3\n  externalTrafficPolicy: Local\n  ports: [{port: 8080, nodePort: 30080}]\n---\n"
+        .to_owned()
+        + &slice(
+            "np-a",
+            "np",
+            "[{port: 8080}]",
+            "[{addresses: [10.2.0.1], nodeName: node-a}, {addresses: [10.2.0.2], nodeName: node-b}]",
+        );
+    let only_api = web(&["10.0.0.2"]).split("---\n").skip(2).collect::<Vec<_>>().join("---\n");
+    let states = [
+        String::new(),
+        web(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+        web(&["10.0.0.2", "10.0.0.3"]),
+        only_api + &np,
+        String::new(),
+    ];
+    let desired: Vec<DesiredMaps> = {
+        let mut ids = Ids::default();
+        states
+            .iter()
+            .map(|yaml| {
+                let m = model::build(&objects(yaml), &ModelOptions::default());
+                translate::translate(&m, &node(&m), &mut ids).0
+            })
+            .collect()
+    };
+    let mut failures_seen = 0;
+    for (i, pair) in desired.windows(2).enumerate() {
+        let (before, after) = (&pair[0], &pair[1]);
+        // How many writes the whole transition takes.
+        let unlimited = Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+        let mut tables = faulty_tables(&unlimited);
+        let mut rec = Reconciler::new(&tables).unwrap();
+        rec.sync(before, &mut tables).unwrap();
+        let s = rec.sync(after, &mut tables).unwrap();
+        let ops = (s.written + s.deleted) as i64;
+        assert!(ops > 0, "transition {i} changes something");
+        // The same transition failing at each of its writes in turn.
+        for n in 0..ops {
+            let budget = Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX));
+            let mut tables = faulty_tables(&budget);
+            let mut rec = Reconciler::new(&tables).unwrap();
+            rec.sync(before, &mut tables).unwrap();
+            budget.store(n, std::sync::atomic::Ordering::SeqCst);
+            let when = format!("transition {i}, failing at write {n} of {ops}");
+            let e = rec.sync(after, &mut tables).expect_err(&when);
+            assert!(format!("{e:#}").contains("injected write failure"), "{when}: {e:#}");
+            failures_seen += 1;
+            assert_consistent(&tables.dump().unwrap(), &when);
+            // The next sync (incremental: its mirror matches what was written) finishes the job.
+            budget.store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+            let done = rec.sync(after, &mut tables).unwrap_or_else(|e| panic!("{when}: retry: {e:#}"));
+            assert_eq!(done.written + done.deleted, (ops - n) as usize, "{when}: only the rest is written");
+            assert_eq!(&tables.dump().unwrap(), after, "{when}");
+        }
+    }
+    assert!(failures_seen > 20, "{failures_seen}");
+}
