@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{
-        Array, HashMap, Map, MapData, PerCpuArray,
+        Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -22,6 +22,7 @@ use aya::{
 use proxy_common::{MAP_LAYOUT, NODE_F_CONFIGURED, NodeConfig, PodIface, STAT_MAX, SourceRangeKey};
 
 use crate::{
+    batch,
     conntrack::ConntrackMaps,
     migrate::{self, Migration},
     reconcile::{Table, Tables},
@@ -133,6 +134,8 @@ pub struct Datapath {
     migration: Option<(PathBuf, &'static Migration)>,
 }
 
+/// Hash maps are read, written and cleared in batches (crate::batch): a sync of 100,000 entries, or
+/// adopting them at start, is a few dozen syscalls.
 impl<K: Pod + Ord, V: Pod> Table<K, V> for HashMap<MapData, K, V> {
     fn put(&mut self, key: &K, value: &V) -> Result<()> {
         self.insert(key, value, 0).map_err(Into::into)
@@ -146,7 +149,13 @@ impl<K: Pod + Ord, V: Pod> Table<K, V> for HashMap<MapData, K, V> {
         }
     }
     fn entries(&self) -> Result<BTreeMap<K, V>> {
-        self.iter().map(|r| r.map_err(Into::into)).collect()
+        Ok(batch::dump(self.map().fd().as_fd())?.into_iter().collect())
+    }
+    fn put_many(&mut self, entries: &[(K, V)]) -> Result<(), (usize, anyhow::Error)> {
+        batch::update(self.map().fd().as_fd(), entries).map_err(|(n, e)| (n, e.into()))
+    }
+    fn del_many(&mut self, keys: &[K]) -> Result<(), (usize, anyhow::Error)> {
+        batch::delete(self.map().fd().as_fd(), keys).map_err(|(n, e)| (n, e.into()))
     }
 }
 

@@ -14,6 +14,23 @@ pub trait Table<K, V> {
     fn put(&mut self, key: &K, value: &V) -> Result<()>;
     fn del(&mut self, key: &K) -> Result<()>;
     fn entries(&self) -> Result<BTreeMap<K, V>>;
+
+    /// Writes `entries` in order. On error, how many were written before it (a map that can do it
+    /// in one call overrides this; the result is the same).
+    fn put_many(&mut self, entries: &[(K, V)]) -> Result<(), (usize, anyhow::Error)> {
+        for (i, (k, v)) in entries.iter().enumerate() {
+            self.put(k, v).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `keys` in order (one already gone is no error). On error, how many were deleted first.
+    fn del_many(&mut self, keys: &[K]) -> Result<(), (usize, anyhow::Error)> {
+        for (i, k) in keys.iter().enumerate() {
+            self.del(k).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// An in-memory table, for tests and for `trace`'s bookkeeping.
@@ -122,22 +139,28 @@ pub struct Reconciler {
     actual: DesiredMaps,
 }
 
+/// Writes what differs from the mirror, in one call to the table; the mirror follows exactly what
+/// was written, also when the table fails part way.
 fn write_changed<K: Ord + Clone, V: PartialEq + Clone>(
     table: &mut dyn Table<K, V>,
     actual: &mut BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
     stats: &mut SyncStats,
 ) -> Result<()> {
-    for (k, v) in desired {
-        if actual.get(k) != Some(v) {
-            table.put(k, v)?;
-            actual.insert(k.clone(), v.clone());
-            stats.written += 1;
-        }
+    let changed: Vec<(K, V)> =
+        desired.iter().filter(|(k, v)| actual.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let (written, result) = match table.put_many(&changed) {
+        Ok(()) => (changed.len(), Ok(())),
+        Err((n, e)) => (n, Err(e)),
+    };
+    for (k, v) in changed.into_iter().take(written) {
+        actual.insert(k, v);
     }
-    Ok(())
+    stats.written += written;
+    result
 }
 
+/// Deletes what the mirror holds and nothing wants, in one call; the mirror follows.
 fn delete_unwanted<K: Ord + Clone, V>(
     table: &mut dyn Table<K, V>,
     actual: &mut BTreeMap<K, V>,
@@ -145,12 +168,15 @@ fn delete_unwanted<K: Ord + Clone, V>(
     stats: &mut SyncStats,
 ) -> Result<()> {
     let stale: Vec<K> = actual.keys().filter(|k| !desired.contains_key(k)).cloned().collect();
-    for k in stale {
-        table.del(&k)?;
-        actual.remove(&k);
-        stats.deleted += 1;
+    let (deleted, result) = match table.del_many(&stale) {
+        Ok(()) => (stale.len(), Ok(())),
+        Err((n, e)) => (n, Err(e)),
+    };
+    for k in stale.iter().take(deleted) {
+        actual.remove(k);
     }
-    Ok(())
+    stats.deleted += deleted;
+    result
 }
 
 impl Reconciler {
